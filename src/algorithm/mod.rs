@@ -1,0 +1,1 @@
+//! The LIB algorithm (method.md sections 3-7): statistics, bases and edges.

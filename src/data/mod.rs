@@ -1,0 +1,21 @@
+//! Datasets: each yields model inputs as [`Batch`]es (in the model's input format, see
+//! [`crate::models::InputKind`]) plus a class label per sample, read at the last position.
+
+pub mod modadd;
+
+use crate::tensor::Batch;
+use std::ops::Range;
+
+pub trait Dataset: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Model inputs of samples `range`, `r = 1`.
+    fn inputs(&self, range: Range<usize>) -> Batch;
+    /// Class labels of samples `range` (the target at the last position).
+    fn labels(&self, range: Range<usize>) -> Vec<usize>;
+    /// Short description for logs and `graph.json`.
+    fn describe(&self) -> String;
+}

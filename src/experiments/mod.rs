@@ -1,0 +1,1 @@
+//! Experiments over built graphs: builds, training, ablations, clustering, figures, reports.

@@ -1,0 +1,25 @@
+//! File formats: PyTorch checkpoints, safetensors weights and results, atomic writes.
+
+pub mod weights;
+
+use anyhow::Context;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a crash
+/// or error never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .context("output path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))
+}

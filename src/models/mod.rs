@@ -1,0 +1,171 @@
+//! The model zoo: every model is a flat list of [`Module`]s, each owning its forward pass, its
+//! batched vector-Jacobian product (VJP) and its Jacobian-vector product (JVP), written side by
+//! side. A **node layer** named `m` is the input of module `m` (method.md section 9); the
+//! **section** between two node layers is the run of modules between them.
+//!
+//! Biases are folded (method.md section 8): every activation that flows between modules ends
+//! with a constant 1, so scaling a node layer's activation by `a -> 0` sends the section's output
+//! to 0 and integrated gradients need no special case for biases.
+
+pub mod mlp;
+
+use crate::tensor::Batch;
+use faer::{Mat, MatRef};
+use std::any::Any;
+
+/// What a module kept from its forward pass for its VJP and JVP.
+pub type Cache = Box<dyn Any + Send + Sync>;
+
+/// Pointwise nonlinearities (method.md section 8 gives their bias-folding roots).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Identity,
+    Relu,
+    /// Exact gelu, `x * Phi(x)`.
+    Gelu,
+    /// The tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+}
+
+/// Structure a module exposes so that the algorithm can take analytic shortcuts
+/// (method.md section 11). `General` modules are handled through their VJP and JVP alone.
+pub enum Structure<'a> {
+    /// `y = x W` at every position independently, `W` of shape `(in, out)`.
+    Linear(MatRef<'a, f64>),
+    /// `y = act(x W)` at every position independently.
+    Dense { w: MatRef<'a, f64>, act: Activation },
+    /// Anything else.
+    General,
+}
+
+pub trait Module: Send + Sync {
+    /// Module id, e.g. `layers.0`, `attn_in.0`, `unembed`.
+    fn id(&self) -> &str;
+    /// Features of the input (the node layer named after this module), bias coordinate included.
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// Output positions for `in_pos` input positions.
+    fn out_pos(&self, in_pos: usize) -> usize {
+        in_pos
+    }
+    /// Forward pass of `x` (`x.r == 1`), keeping what the VJP and JVP need.
+    fn forward(&self, x: &Batch) -> (Batch, Cache);
+    /// Batched VJP at the cached point: `dy` holds `r` cotangents per sample on the output,
+    /// the result the same `r` cotangents pulled back to the input.
+    fn vjp(&self, cache: &Cache, dy: &Batch) -> Batch;
+    /// Batched JVP at the cached point: `r` input tangents per sample pushed to the output.
+    fn jvp(&self, cache: &Cache, dx: &Batch) -> Batch;
+    fn structure(&self) -> Structure<'_> {
+        Structure::General
+    }
+}
+
+/// The raw input a model expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    /// Real features with the bias 1 already appended (e.g. MNIST pixels / 255, then 1).
+    Features(usize),
+    /// Token ids stored as `f64` in a single feature column, one position per token.
+    Tokens { vocab: usize },
+}
+
+/// A model: modules applied in order, from the raw input to the outputs (logits).
+pub struct Model {
+    pub name: String,
+    pub input: InputKind,
+    pub modules: Vec<Box<dyn Module>>,
+}
+
+/// Name of the pseudo node layer holding the model's outputs.
+pub const OUTPUT: &str = "output";
+
+impl Model {
+    /// Index of the module whose input is node layer `name` (`modules.len()` for `output`).
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        if name == OUTPUT {
+            return Some(self.modules.len());
+        }
+        self.modules.iter().position(|m| m.id() == name)
+    }
+
+    /// Feature dimension of node layer `index` (see [`Model::node_index`]).
+    pub fn node_features(&self, index: usize) -> usize {
+        match self.modules.get(index) {
+            Some(m) => m.in_features(),
+            None => self.modules.last().map(|m| m.out_features()).unwrap_or(0),
+        }
+    }
+
+    /// All module ids, i.e. the valid node-layer names besides `output`.
+    pub fn module_ids(&self) -> Vec<String> {
+        self.modules.iter().map(|m| m.id().to_string()).collect()
+    }
+
+    /// Runs modules `from..to` on `x` without keeping caches.
+    pub fn run(&self, x: Batch, from: usize, to: usize) -> Batch {
+        self.modules[from..to]
+            .iter()
+            .fold(x, |x, m| m.forward(&x).0)
+    }
+
+    /// The section of modules `from..to`.
+    pub fn section(&self, from: usize, to: usize) -> Section<'_> {
+        Section {
+            modules: &self.modules[from..to],
+        }
+    }
+}
+
+/// A run of consecutive modules, differentiated as one map.
+pub struct Section<'a> {
+    pub modules: &'a [Box<dyn Module>],
+}
+
+impl Section<'_> {
+    pub fn forward(&self, x: &Batch) -> (Batch, Vec<Cache>) {
+        let mut caches = Vec::with_capacity(self.modules.len());
+        let mut y = x.clone();
+        for m in self.modules {
+            let (next, cache) = m.forward(&y);
+            caches.push(cache);
+            y = next;
+        }
+        (y, caches)
+    }
+
+    pub fn vjp(&self, caches: &[Cache], dy: &Batch) -> Batch {
+        let mut g = dy.clone();
+        for (m, c) in self.modules.iter().zip(caches).rev() {
+            g = m.vjp(c, &g);
+        }
+        g
+    }
+
+    pub fn jvp(&self, caches: &[Cache], dx: &Batch) -> Batch {
+        let mut t = dx.clone();
+        for (m, c) in self.modules.iter().zip(caches) {
+            t = m.jvp(c, &t);
+        }
+        t
+    }
+
+    pub fn out_pos(&self, in_pos: usize) -> usize {
+        self.modules.iter().fold(in_pos, |p, m| m.out_pos(p))
+    }
+
+    pub fn out_features(&self) -> Option<usize> {
+        self.modules.last().map(|m| m.out_features())
+    }
+}
+
+/// Repeats each cached per-position row of `a` (rows `(sample, position)`) for the `r`
+/// vectors of a batched product (rows `(sample, vector, position)`): the broadcast that every
+/// per-position module's VJP and JVP needs.
+pub fn broadcast_rows(a: MatRef<'_, f64>, n: usize, r: usize, pos: usize) -> Mat<f64> {
+    Mat::from_fn(n * r * pos, a.ncols(), |row, j| {
+        let s = row % pos;
+        let x = row / (r * pos);
+        a[(x * pos + s, j)]
+    })
+}

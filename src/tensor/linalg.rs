@@ -1,0 +1,95 @@
+//! Dense linear algebra on faer, f64: products, Gram accumulation and the symmetric
+//! eigendecompositions of method.md section 2 (|eigenvalue| descending, eigenvectors as columns).
+
+use faer::{Accum, Mat, MatRef, Par, Side};
+
+/// `a b`.
+pub fn mm(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(&mut out, Accum::Replace, a, b, 1.0, Par::Seq);
+    out
+}
+
+/// `a^T b`.
+pub fn mm_tn(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    mm(a.transpose(), b)
+}
+
+/// `acc += alpha * x^T x`.
+pub fn gram_add(acc: &mut Mat<f64>, x: MatRef<'_, f64>, alpha: f64) {
+    faer::linalg::matmul::matmul(acc, Accum::Add, x.transpose(), x, alpha, Par::Seq);
+}
+
+/// Symmetric eigendecomposition of `m` (only its lower triangle is read after symmetrising):
+/// eigenvalues replaced by their absolute values and sorted descending, eigenvectors as columns.
+pub fn eigh_abs_desc(m: MatRef<'_, f64>) -> anyhow::Result<(Vec<f64>, Mat<f64>)> {
+    let n = m.nrows();
+    anyhow::ensure!(
+        n == m.ncols(),
+        "eigh of a non-square {}x{} matrix",
+        n,
+        m.ncols()
+    );
+    if n == 0 {
+        return Ok((vec![], Mat::zeros(0, 0)));
+    }
+    anyhow::ensure!(
+        m.col_iter().all(|c| c.iter().all(|v| v.is_finite())),
+        "matrix to eigendecompose contains NaN or infinity"
+    );
+    let sym = Mat::from_fn(n, n, |i, j| 0.5 * (m[(i, j)] + m[(j, i)]));
+    let evd = sym
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    let s = evd.S().column_vector();
+    let u = evd.U();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| s[b].abs().total_cmp(&s[a].abs()));
+    let values = order.iter().map(|&k| s[k].abs()).collect();
+    let vectors = Mat::from_fn(n, n, |i, j| u[(i, order[j])]);
+    Ok((values, vectors))
+}
+
+/// Eigendecomposition with the first `fixed` directions held fixed (method.md section 4.7):
+/// `V` is the identity on them and their eigenvalue is `m`'s diagonal entry; only the trailing
+/// block is decomposed.
+pub fn eigh_masked(m: MatRef<'_, f64>, fixed: usize) -> anyhow::Result<(Vec<f64>, Mat<f64>)> {
+    let n = m.nrows();
+    anyhow::ensure!(fixed <= n, "cannot hold {fixed} of {n} directions fixed");
+    let (rest_vals, rest_vecs) = eigh_abs_desc(m.submatrix(fixed, fixed, n - fixed, n - fixed))?;
+    let mut v = Mat::zeros(n, n);
+    let mut values = Vec::with_capacity(n);
+    for k in 0..fixed {
+        v[(k, k)] = 1.0;
+        values.push(m[(k, k)]);
+    }
+    for j in 0..n - fixed {
+        for i in 0..n - fixed {
+            v[(fixed + i, fixed + j)] = rest_vecs[(i, j)];
+        }
+    }
+    values.extend(rest_vals);
+    Ok((values, v))
+}
+
+/// Columns `cols` of `m`, in that order.
+pub fn select_cols(m: MatRef<'_, f64>, cols: &[usize]) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), cols.len(), |i, j| m[(i, cols[j])])
+}
+
+/// Rows `rows` of `m`, in that order.
+pub fn select_rows(m: MatRef<'_, f64>, rows: &[usize]) -> Mat<f64> {
+    Mat::from_fn(rows.len(), m.ncols(), |i, j| m[(rows[i], j)])
+}
+
+/// Largest absolute entry of `a - b`.
+pub fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
+    assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
+    let mut m: f64 = 0.0;
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            m = m.max((a[(i, j)] - b[(i, j)]).abs());
+        }
+    }
+    m
+}
