@@ -1,1 +1,203 @@
-//! The LIB algorithm (method.md sections 3-7): statistics, bases and edges.
+//! The LIB algorithm (method.md sections 3-7): statistics, bases and edges, and [`build`], which
+//! runs them over a model and a dataset to produce a [`Graph`].
+
+pub mod basis;
+pub mod edges;
+pub mod graph;
+pub mod integration;
+pub mod pass;
+pub mod section;
+pub mod stats;
+
+pub use graph::{Graph, NodeBasis};
+
+use crate::data::Dataset;
+use crate::models::{Model, OUTPUT};
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Which basis to compute at each node layer (method.md section 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum BasisFormula {
+    /// The LIB of the paper.
+    #[default]
+    #[serde(rename = "jacobian")]
+    Jacobian,
+    /// PCA (with centring) or uncentred SVD of the Gram matrix.
+    #[serde(rename = "svd")]
+    Svd,
+    /// The neuron basis: `C = I`.
+    #[serde(rename = "neuron")]
+    Neuron,
+    /// Legacy `(1-0)*alpha`.
+    #[serde(rename = "(1-0)*alpha")]
+    OneZeroAlpha,
+    /// Legacy `(1-alpha)^2`.
+    #[serde(rename = "(1-alpha)^2")]
+    OneMinusAlphaSquared,
+}
+
+/// How edges are computed (method.md section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeFormula {
+    #[default]
+    Squared,
+    Stochastic,
+    Functional,
+    /// No edges.
+    None,
+}
+
+/// Settings of a LIB build. Defaults follow method.md.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibConfig {
+    /// Node layers in model order; `output` may close the list.
+    pub node_layers: Vec<String>,
+    #[serde(default)]
+    pub basis_formula: BasisFormula,
+    #[serde(default)]
+    pub center: bool,
+    #[serde(default = "yes")]
+    pub isolate_ln_var: bool,
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+    #[serde(default)]
+    pub integration_rule: integration::Rule,
+    #[serde(default)]
+    pub n_intervals: usize,
+    #[serde(default)]
+    pub rotate_final_node_layer: bool,
+    #[serde(default)]
+    pub edge_formula: EdgeFormula,
+    /// Sign vectors per sample for `stochastic` edges.
+    #[serde(default = "one")]
+    pub n_stochastic_sources_edges: usize,
+    /// Position sign sources for the basis (method.md section 7); `None` = exact.
+    #[serde(default)]
+    pub n_stochastic_sources_pos: Option<usize>,
+    /// Hidden sign sources for the basis (method.md section 7); `None` = exact.
+    #[serde(default)]
+    pub n_stochastic_sources_hidden: Option<usize>,
+    /// Samples per batch of the streaming passes.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn default_tau() -> f64 {
+    1e-15
+}
+fn default_batch() -> usize {
+    512
+}
+
+/// Resolved node layer: its name and the index of the module it feeds.
+#[derive(Clone, Debug)]
+pub struct NodeLayer {
+    pub name: String,
+    pub index: usize,
+}
+
+/// Checks the node-layer list against the model: known names, model order, no duplicates,
+/// at least two layers, `output` last if present, no token-id input layers.
+pub fn resolve_node_layers(model: &Model, names: &[String]) -> anyhow::Result<Vec<NodeLayer>> {
+    if names.len() < 2 {
+        bail!("node_layers needs at least two layers, got {names:?}");
+    }
+    let mut out: Vec<NodeLayer> = Vec::new();
+    for name in names {
+        let index = model.node_index(name).with_context(|| {
+            format!(
+                "node layer `{name}` does not exist in model `{}`; valid names: {}, {OUTPUT}",
+                model.name,
+                model.module_ids().join(", ")
+            )
+        })?;
+        if let crate::models::InputKind::Tokens { .. } = model.input {
+            if index == 0 {
+                bail!("node layer `{name}` receives token ids, which cannot be differentiated; pick a later node layer");
+            }
+        }
+        if let Some(prev) = out.last() {
+            if index == prev.index {
+                bail!("node layer `{name}` is listed twice");
+            }
+            if index < prev.index {
+                bail!("node layer `{name}` comes before `{}` in the model; list node layers in model order", prev.name);
+            }
+        }
+        out.push(NodeLayer {
+            name: name.clone(),
+            index,
+        });
+    }
+    Ok(out)
+}
+
+/// Builds the graph: statistics, bases from the last node layer backwards, then edges.
+pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Result<Graph> {
+    let t0 = Instant::now();
+    let layers = resolve_node_layers(model, &cfg.node_layers)?;
+    if data.is_empty() {
+        bail!("the dataset is empty");
+    }
+    if !(cfg.tau >= 0.0) {
+        bail!("tau must be >= 0, got {}", cfg.tau);
+    }
+    let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
+    let mut timings = Vec::new();
+
+    let t = Instant::now();
+    let moments = pass::moments(model, data, &layers, cfg.batch_size)?;
+    timings.push(("statistics".to_string(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let mut bases: Vec<NodeBasis> = Vec::with_capacity(layers.len());
+    for (l, layer) in layers.iter().enumerate().rev() {
+        let next = bases.last();
+        let basis = basis::node_basis(model, data, cfg, &layers, l, &moments[l], next, &points)
+            .with_context(|| format!("basis of node layer `{}`", layer.name))?;
+        bases.push(basis);
+    }
+    bases.reverse();
+    timings.push(("bases".to_string(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let mut edge_mats = Vec::new();
+    if cfg.edge_formula != EdgeFormula::None {
+        for l in 0..layers.len() - 1 {
+            let e = edges::edges(
+                model,
+                data,
+                cfg,
+                &layers,
+                l,
+                &bases[l],
+                &bases[l + 1],
+                &points,
+            )
+            .with_context(|| format!("edges {} -> {}", layers[l].name, layers[l + 1].name))?;
+            edge_mats.push(e);
+        }
+    }
+    timings.push(("edges".to_string(), t.elapsed().as_secs_f64()));
+    timings.push(("total".to_string(), t0.elapsed().as_secs_f64()));
+    Ok(Graph {
+        layers: bases,
+        edges: edge_mats,
+        timings,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,451 @@
+//! Tests of the LIB algebra against independent computations: brute-force finite-difference
+//! Jacobians, the closed-form shortcuts against the general VJP/JVP path, and the identities of
+//! method.md section 4.
+
+use super::*;
+use crate::models::mlp::{Dense, MlpWeights};
+use crate::models::{Activation, Cache, InputKind, Module, Structure};
+use crate::tensor::linalg::{max_abs_diff, mm};
+use crate::tensor::Batch;
+use faer::Mat;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::ops::Range;
+
+/// Inputs from a fixed matrix (features with bias), one position.
+pub struct Fixed {
+    pub x: Mat<f64>,
+}
+
+impl Dataset for Fixed {
+    fn len(&self) -> usize {
+        self.x.nrows()
+    }
+    fn inputs(&self, range: Range<usize>) -> Batch {
+        let n = range.len();
+        Batch::new(n, 1, 1, self.x.subrows(range.start, n).to_owned())
+    }
+    fn labels(&self, range: Range<usize>) -> Vec<usize> {
+        vec![0; range.len()]
+    }
+    fn describe(&self) -> String {
+        "fixed".into()
+    }
+}
+
+/// Hides a module's structure so the general VJP/JVP path is taken.
+struct Opaque(Box<dyn Module>);
+
+impl Module for Opaque {
+    fn id(&self) -> &str {
+        self.0.id()
+    }
+    fn in_features(&self) -> usize {
+        self.0.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.0.out_features()
+    }
+    fn forward(&self, x: &Batch) -> (Batch, Cache) {
+        self.0.forward(x)
+    }
+    fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
+        self.0.vjp(c, dy)
+    }
+    fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
+        self.0.jvp(c, dx)
+    }
+    fn structure(&self) -> Structure<'_> {
+        Structure::General
+    }
+}
+
+fn random_mat(rng: &mut ChaCha8Rng, r: usize, c: usize, scale: f64) -> Mat<f64> {
+    Mat::from_fn(r, c, |_, _| scale * (rng.random::<f64>() * 2.0 - 1.0))
+}
+
+fn mlp(seed: u64, dims: &[usize], act: Activation) -> MlpWeights {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    MlpWeights {
+        layers: dims
+            .windows(2)
+            .map(|w| {
+                let m = random_mat(&mut rng, w[0], w[1], 1.0 / (w[0] as f64).sqrt());
+                let b = (0..w[1])
+                    .map(|_| 0.3 * (rng.random::<f64>() - 0.5))
+                    .collect();
+                (m, b)
+            })
+            .collect(),
+        act,
+    }
+}
+
+/// Data with a few always-zero features (so truncation has something to drop) and a bias 1.
+fn inputs(seed: u64, n: usize, d: usize) -> Fixed {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Fixed {
+        x: Mat::from_fn(n, d + 1, |_, j| {
+            if j == d {
+                1.0
+            } else if j % 5 == 4 {
+                0.0
+            } else {
+                rng.random::<f64>() * 2.0 - 0.5 + 0.1 * j as f64
+            }
+        }),
+    }
+}
+
+fn opaque(model: Model) -> Model {
+    Model {
+        name: model.name,
+        input: model.input,
+        modules: model
+            .modules
+            .into_iter()
+            .map(|m| Box::new(Opaque(m)) as Box<dyn Module>)
+            .collect(),
+    }
+}
+
+fn config(layers: &[&str], formula: BasisFormula, center: bool) -> LibConfig {
+    LibConfig {
+        node_layers: layers.iter().map(|s| s.to_string()).collect(),
+        basis_formula: formula,
+        center,
+        isolate_ln_var: true,
+        tau: 1e-12,
+        integration_rule: integration::Rule::Gradient,
+        n_intervals: 0,
+        rotate_final_node_layer: false,
+        edge_formula: EdgeFormula::Squared,
+        n_stochastic_sources_edges: 1,
+        n_stochastic_sources_pos: None,
+        n_stochastic_sources_hidden: None,
+        batch_size: 7,
+        seed: 0,
+    }
+}
+
+/// Jacobian of `f -> F(f) Q` at `f` by central differences, `(out, in)`.
+fn fd_jacobian(model: &Model, from: usize, to: usize, f: &[f64], q: &Mat<f64>) -> Mat<f64> {
+    let d = f.len();
+    let eval = |v: &[f64]| {
+        let x = Batch::new(1, 1, 1, Mat::from_fn(1, d, |_, j| v[j]));
+        mm(model.run(x, from, to).data.as_ref(), q.as_ref())
+    };
+    let out = q.ncols();
+    let h = 1e-6;
+    let mut jac = Mat::zeros(out, d);
+    for j in 0..d {
+        let mut p = f.to_vec();
+        let mut m = f.to_vec();
+        p[j] += h;
+        m[j] -= h;
+        let (yp, ym) = (eval(&p), eval(&m));
+        for i in 0..out {
+            jac[(i, j)] = (yp[(0, i)] - ym[(0, i)]) / (2.0 * h);
+        }
+    }
+    jac
+}
+
+fn rel_err(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    let scale = b
+        .col_iter()
+        .flat_map(|c| c.iter().map(|v| v.abs()).collect::<Vec<_>>())
+        .fold(0.0, f64::max);
+    max_abs_diff(a.as_ref(), b.as_ref()) / scale.max(1e-300)
+}
+
+#[test]
+fn folding_keeps_activations() {
+    for act in [Activation::Relu, Activation::Gelu, Activation::GeluTanh] {
+        let w = mlp(1, &[6, 5, 4, 3], act);
+        let model = w.into_model("t");
+        let data = inputs(2, 9, 6);
+        let folded = model.run(data.inputs(0..9), 0, model.modules.len());
+        let unfolded = w.forward_unfolded(data.x.subcols(0, 6));
+        assert!(
+            max_abs_diff(folded.data.as_ref(), unfolded.as_ref()) < 1e-12,
+            "{act:?}"
+        );
+        // Every hidden node layer ends with an exact 1.
+        let h = model.run(data.inputs(0..9), 0, 2);
+        assert!(h.data.col(h.features() - 1).iter().all(|&v| v == 1.0));
+    }
+}
+
+#[test]
+fn dense_vjp_jvp_match_finite_differences() {
+    for act in [
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Identity,
+    ] {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let layer = Dense::fold(
+            "l",
+            random_mat(&mut rng, 4, 3, 1.0).as_ref(),
+            &[0.1, -0.2, 0.3],
+            act,
+            false,
+        );
+        let (n, r, pos) = (2, 3, 2);
+        let x = Batch::new(n, 1, pos, random_mat(&mut rng, n * pos, 5, 1.0));
+        let (_, cache) = layer.forward(&x);
+        let dx = Batch::new(n, r, pos, random_mat(&mut rng, n * r * pos, 5, 1.0));
+        let dy = Batch::new(n, r, pos, random_mat(&mut rng, n * r * pos, 4, 1.0));
+        let jv = layer.jvp(&cache, &dx);
+        let vj = layer.vjp(&cache, &dy);
+        let h = 1e-6;
+        for xi in 0..n {
+            for v in 0..r {
+                for s in 0..pos {
+                    let row = dx.row(xi, v, s);
+                    let shifted = |sign: f64| {
+                        let xs = Mat::from_fn(1, 5, |_, j| {
+                            x.data[(xi * pos + s, j)] + sign * h * dx.data[(row, j)]
+                        });
+                        layer.forward(&Batch::new(1, 1, 1, xs)).0.data
+                    };
+                    let (p, m) = (shifted(1.0), shifted(-1.0));
+                    for i in 0..4 {
+                        let fd = (p[(0, i)] - m[(0, i)]) / (2.0 * h);
+                        assert!((fd - jv.data[(row, i)]).abs() < 1e-6, "{act:?} jvp");
+                    }
+                    // <vjp(dy), dx> == <dy, jvp(dx)> for the same (sample, vector, position).
+                    let lhs: f64 = (0..5).map(|j| vj.data[(row, j)] * dx.data[(row, j)]).sum();
+                    let rhs: f64 = (0..4).map(|i| dy.data[(row, i)] * jv.data[(row, i)]).sum();
+                    assert!((lhs - rhs).abs() < 1e-10, "{act:?} adjoint");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn metric_shortcuts_equal_brute_force_and_general_path() {
+    // Gelu so that the integrated gradient differs from the plain gradient.
+    let w = mlp(4, &[7, 6, 5, 3], Activation::Gelu);
+    let data = inputs(5, 23, 7);
+    let q = {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        random_mat(&mut rng, 7, 4, 1.0)
+    };
+    for (rule, n_int) in [
+        (integration::Rule::Gradient, 0),
+        (integration::Rule::GaussLegendre, 3),
+    ] {
+        let points = integration::points(rule, n_int).unwrap();
+        let model = w.into_model("m");
+        let cfg = config(
+            &["layers.0", "layers.1", "output"],
+            BasisFormula::Jacobian,
+            false,
+        );
+        let layers = resolve_node_layers(&model, &cfg.node_layers).unwrap();
+        let fast = basis::jacobian_metric(
+            &model,
+            &data,
+            &cfg,
+            &layers,
+            0,
+            &q,
+            &points,
+            BasisFormula::Jacobian,
+        )
+        .unwrap()
+        .m;
+        let general = opaque(w.into_model("m"));
+        let slow = basis::jacobian_metric(
+            &general,
+            &data,
+            &cfg,
+            &layers,
+            0,
+            &q,
+            &points,
+            BasisFormula::Jacobian,
+        )
+        .unwrap()
+        .m;
+        assert!(rel_err(&fast, &slow) < 1e-12, "{rule:?}");
+        // Brute force: integrated finite-difference Jacobians.
+        let mut brute = Mat::<f64>::zeros(8, 8);
+        for x in 0..23 {
+            let f: Vec<f64> = (0..8).map(|j| data.x[(x, j)]).collect();
+            let mut g = Mat::<f64>::zeros(4, 8);
+            for &(a, wt) in &points {
+                let fa: Vec<f64> = f.iter().map(|v| a * v).collect();
+                g += faer::Scale(wt) * fd_jacobian(&model, 0, 1, &fa, &q);
+            }
+            brute += mm(g.transpose(), g.as_ref());
+        }
+        brute *= faer::Scale(1.0 / 23.0);
+        assert!(rel_err(&fast, &brute) < 1e-7, "{rule:?} brute");
+    }
+}
+
+#[test]
+fn lib_identities_hold() {
+    let w = mlp(6, &[9, 8, 6, 4], Activation::Relu);
+    let data = inputs(7, 40, 9);
+    let model = w.into_model("m");
+    let cfg = config(
+        &["layers.0", "layers.1", "layers.2", "output"],
+        BasisFormula::Jacobian,
+        true,
+    );
+    let g = build(&model, &data, &cfg).unwrap();
+    for b in &g.layers[..3] {
+        let (c, cp) = (b.c.as_ref().unwrap(), b.c_pinv.as_ref().unwrap());
+        let k = c.ncols();
+        assert!(b.has_constant && b.n_masked == 1);
+        // C_pinv C = I.
+        assert!(
+            max_abs_diff(
+                mm(cp.as_ref(), c.as_ref()).as_ref(),
+                Mat::<f64>::identity(k, k).as_ref()
+            ) < 1e-9,
+            "{}",
+            b.name
+        );
+        // C^T E[f^T f] C = diag(Lambda): LIB features are uncorrelated with variance Lambda.
+        let idx = model.node_index(&b.name).unwrap();
+        let f = model.run(data.inputs(0..40), 0, idx).data;
+        let fhat = mm(f.as_ref(), c.as_ref());
+        let second = mm(fhat.transpose(), fhat.as_ref()) * faer::Scale(1.0 / 40.0);
+        let diag = Mat::from_fn(k, k, |i, j| if i == j { b.lambda[i] } else { 0.0 });
+        assert!(rel_err(&second, &diag) < 1e-9, "{}", b.name);
+        // The first feature is the constant direction: fhat_0 is the same for every sample.
+        let f0 = fhat.col(0);
+        assert!(f0.iter().all(|v| (v - f0[0]).abs() < 1e-9 * f0[0].abs()));
+    }
+    // The input layer has 9 features of which 1 in 5 are always 0: truncation 1 drops them.
+    assert!(g.layers[0].d_lib() <= 8);
+    // Unrotated output after a linear section: sum_i E_ij = Lambda_j.
+    let e = &g.edges[2];
+    for j in 0..e.ncols() {
+        let s: f64 = e.col(j).iter().sum();
+        assert!(
+            (s - g.layers[2].lambda[j]).abs() < 1e-9 * g.layers[2].lambda[0],
+            "column {j}"
+        );
+    }
+}
+
+#[test]
+fn edge_shortcuts_equal_general_path_and_brute_force() {
+    let w = mlp(8, &[6, 7, 5, 3], Activation::Gelu);
+    let data = inputs(9, 19, 6);
+    for (rule, n_int) in [
+        (integration::Rule::Gradient, 0),
+        (integration::Rule::Trapezoidal, 2),
+    ] {
+        let mut cfg = config(
+            &["layers.0", "layers.1", "layers.2", "output"],
+            BasisFormula::Jacobian,
+            true,
+        );
+        cfg.integration_rule = rule;
+        cfg.n_intervals = n_int;
+        let fast = build(&w.into_model("m"), &data, &cfg).unwrap();
+        let slow = build(&opaque(w.into_model("m")), &data, &cfg).unwrap();
+        for (a, b) in fast.edges.iter().zip(&slow.edges) {
+            assert!(rel_err(a, b) < 1e-9, "{rule:?}: {}", rel_err(a, b));
+        }
+        // Brute force for layers.0 -> layers.1 with finite-difference Jacobians of module_hat.
+        let model = w.into_model("m");
+        let (b0, b1) = (&fast.layers[0], &fast.layers[1]);
+        let (c0, cp0, c1) = (
+            b0.c.as_ref().unwrap(),
+            b0.c_pinv.as_ref().unwrap(),
+            b1.c.as_ref().unwrap(),
+        );
+        let points = integration::points(rule, n_int).unwrap();
+        let mut brute = Mat::<f64>::zeros(c1.ncols(), c0.ncols());
+        for x in 0..19 {
+            let f = data.x.subrows(x, 1);
+            let fhat = mm(f, c0.as_ref());
+            for &(a, wt) in &points {
+                let _ = (a, wt);
+            }
+            let mut bracket = Mat::<f64>::zeros(c1.ncols(), c0.ncols());
+            for &(a, wt) in &points {
+                // d module_hat / d fhat at a*fhat = J_F(a fhat C_pinv) in LIB coordinates.
+                let orig = mm(fhat.as_ref(), cp0.as_ref());
+                let pt: Vec<f64> = (0..orig.ncols()).map(|j| a * orig[(0, j)]).collect();
+                let jac = mm(fd_jacobian(&model, 0, 1, &pt, c1).as_ref(), cp0.transpose());
+                for i in 0..c1.ncols() {
+                    for j in 0..c0.ncols() {
+                        bracket[(i, j)] += wt * fhat[(0, j)] * jac[(i, j)];
+                    }
+                }
+            }
+            for i in 0..c1.ncols() {
+                for j in 0..c0.ncols() {
+                    brute[(i, j)] += bracket[(i, j)].powi(2) / 19.0;
+                }
+            }
+        }
+        assert!(
+            rel_err(&fast.edges[0], &brute) < 1e-6,
+            "{rule:?} brute {}",
+            rel_err(&fast.edges[0], &brute)
+        );
+    }
+}
+
+#[test]
+fn bases_and_formulas_run() {
+    let w = mlp(10, &[5, 6, 4, 3], Activation::Relu);
+    let data = inputs(11, 30, 5);
+    for formula in [
+        BasisFormula::Svd,
+        BasisFormula::Neuron,
+        BasisFormula::OneZeroAlpha,
+        BasisFormula::OneMinusAlphaSquared,
+    ] {
+        for center in [false, true] {
+            let mut cfg = config(&["layers.0", "layers.1", "output"], formula, center);
+            if formula == BasisFormula::Neuron && center {
+                continue;
+            }
+            cfg.edge_formula = EdgeFormula::Functional;
+            let g = build(&w.into_model("m"), &data, &cfg).unwrap();
+            let c = g.layers[0].c.as_ref().unwrap();
+            let cp = g.layers[0].c_pinv.as_ref().unwrap();
+            let k = c.ncols();
+            assert!(
+                max_abs_diff(
+                    mm(cp.as_ref(), c.as_ref()).as_ref(),
+                    Mat::<f64>::identity(k, k).as_ref()
+                ) < 1e-9
+            );
+            assert!(g
+                .edges
+                .iter()
+                .all(|e| e.col_iter().all(|c| c.iter().all(|v| v.is_finite()))));
+        }
+    }
+}
+
+#[test]
+fn node_layer_validation() {
+    let model = mlp(1, &[3, 2, 2], Activation::Relu).into_model("m");
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(resolve_node_layers(&model, &names(&["layers.0", "output"])).is_ok());
+    let err = |v: &[&str]| {
+        resolve_node_layers(&model, &names(v))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&["layers.0", "layers.9"]).contains("layers.9"));
+    assert!(err(&["layers.1", "layers.0"]).contains("order"));
+    assert!(err(&["layers.0", "layers.0"]).contains("twice"));
+    assert!(err(&["layers.0"]).contains("at least two"));
+    assert_eq!(model.input, InputKind::Features(4));
+}
