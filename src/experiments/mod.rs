@@ -1,1 +1,7 @@
-//! Experiments over built graphs: builds, training, ablations, clustering, figures, reports.
+//! Experiments over built graphs: builds, evaluation, training, ablations, clustering, figures
+//! and reports. Each reads configs and files and calls into `algorithm` and `models`.
+
+pub mod ablate;
+pub mod build;
+pub mod config;
+pub mod eval;

@@ -1,0 +1,286 @@
+//! Run configurations (TOML): which model, which data, which LIB settings. Unknown keys are
+//! rejected with their path, so a typo never silently falls back to a default.
+
+use crate::algorithm::LibConfig;
+use crate::data::modadd::{ModOp, ModularArithmetic, Split};
+use crate::data::Dataset;
+use crate::io::weights::{load_safetensors, take, Tensors};
+use crate::models::mlp::MlpWeights;
+use crate::models::{Activation, Model};
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub lib: LibConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum ModelConfig {
+    /// An MLP with tensors `layers.{k}.W` (`[in, out]`) and `layers.{k}.b`.
+    Mlp {
+        path: PathBuf,
+        #[serde(default = "relu")]
+        activation: Activation,
+    },
+    /// A transformer with TransformerLens tensor names.
+    Transformer {
+        path: PathBuf,
+        #[serde(flatten)]
+        options: crate::models::transformer::TransformerOptions,
+    },
+}
+
+fn relu() -> Activation {
+    Activation::Relu
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum DataConfig {
+    /// MNIST-format IDX files (MNIST, Fashion-MNIST) in `dir`.
+    Mnist {
+        #[serde(default = "mnist_dir")]
+        dir: PathBuf,
+        #[serde(default = "train")]
+        split: Split,
+        /// Use only the first `n_samples` samples.
+        #[serde(default)]
+        n_samples: Option<usize>,
+    },
+    /// CIFAR-10 binary batches in `dir`.
+    Cifar10 {
+        dir: PathBuf,
+        #[serde(default = "train")]
+        split: Split,
+        #[serde(default)]
+        n_samples: Option<usize>,
+    },
+    /// Pairs `(a, b) -> [a, b, p]`, label `(a op b) mod p`.
+    ModularArithmetic {
+        #[serde(default = "p113")]
+        modulus: usize,
+        #[serde(default = "add")]
+        op: ModOp,
+        #[serde(default = "train")]
+        split: Split,
+        #[serde(default = "frac")]
+        frac_train: f64,
+        #[serde(default)]
+        seed: u64,
+        /// The reference's train indices (`a * p + b`, one per line); else a seeded split.
+        #[serde(default)]
+        split_file: Option<PathBuf>,
+    },
+}
+
+fn mnist_dir() -> PathBuf {
+    PathBuf::from("data/mnist")
+}
+fn train() -> Split {
+    Split::Train
+}
+fn p113() -> usize {
+    113
+}
+fn add() -> ModOp {
+    ModOp::Add
+}
+fn frac() -> f64 {
+    0.3
+}
+
+impl RunConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        Ok(cfg)
+    }
+
+    pub fn model_path(&self) -> &Path {
+        match &self.model {
+            ModelConfig::Mlp { path, .. } | ModelConfig::Transformer { path, .. } => path,
+        }
+    }
+
+    /// Replaces the model file (`--model PATH`).
+    pub fn set_model_path(&mut self, p: PathBuf) {
+        match &mut self.model {
+            ModelConfig::Mlp { path, .. } | ModelConfig::Transformer { path, .. } => *path = p,
+        }
+    }
+
+    /// The same data with another split (ablations evaluate on a chosen split).
+    pub fn with_split(&self, split: Split) -> DataConfig {
+        let mut d = self.data.clone();
+        match &mut d {
+            DataConfig::Mnist { split: s, .. }
+            | DataConfig::Cifar10 { split: s, .. }
+            | DataConfig::ModularArithmetic { split: s, .. } => *s = split,
+        }
+        d
+    }
+}
+
+/// Reads a weights file by extension: `.pt` (PyTorch) or `.safetensors`.
+pub fn load_tensors(path: &Path) -> anyhow::Result<Tensors> {
+    if !path.exists() {
+        bail!("model file {} does not exist", path.display());
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("pt") | Some("pth") | Some("bin") => crate::io::pt::load_pt(path),
+        Some("safetensors") => load_safetensors(path),
+        _ => bail!(
+            "model file {}: unknown format (expected .pt or .safetensors)",
+            path.display()
+        ),
+    }
+}
+
+/// Loads and folds the model a config names.
+pub fn load_model(cfg: &ModelConfig) -> anyhow::Result<Model> {
+    match cfg {
+        ModelConfig::Mlp { path, activation } => {
+            let t = load_tensors(path)?;
+            let file = path.display().to_string();
+            Ok(mlp_from_tensors(&t, *activation, &file)?.into_model(&file))
+        }
+        ModelConfig::Transformer { path, options } => {
+            let t = load_tensors(path)?;
+            crate::models::transformer::transformer_from_tensors(
+                &t,
+                options,
+                &path.display().to_string(),
+            )
+        }
+    }
+}
+
+/// MLP weights from tensors `layers.{k}.W` (`[in, out]`) and `layers.{k}.b`.
+pub fn mlp_from_tensors(t: &Tensors, act: Activation, file: &str) -> anyhow::Result<MlpWeights> {
+    let mut layers = Vec::new();
+    let mut prev_out: Option<usize> = None;
+    for k in 0.. {
+        let key = format!("layers.{k}.W");
+        let Some(w) = t.get(&key) else { break };
+        let [din, dout] = w.shape[..] else {
+            bail!(
+                "{file}: tensor `{key}` has shape {:?}, expected [in, out]",
+                w.shape
+            );
+        };
+        if let Some(p) = prev_out {
+            if p != din {
+                bail!("{file}: tensor `{key}` has {din} inputs but the previous layer has {p} outputs");
+            }
+        }
+        let w = take(t, &key, &[din, dout], file)?;
+        let b = take(t, &format!("layers.{k}.b"), &[dout], file)?;
+        layers.push((w.to_mat().expect("2-D"), b.data.clone()));
+        prev_out = Some(dout);
+    }
+    if layers.is_empty() {
+        let names: Vec<&String> = t.keys().take(8).collect();
+        bail!("{file}: no MLP layers found (expected tensors `layers.0.W`, `layers.0.b`, ...; the file has {names:?})");
+    }
+    Ok(MlpWeights { layers, act })
+}
+
+/// Opens the dataset a config names.
+pub fn load_data(cfg: &DataConfig) -> anyhow::Result<Box<dyn Dataset>> {
+    Ok(match cfg {
+        DataConfig::Mnist {
+            dir,
+            split,
+            n_samples,
+        } => {
+            let d = crate::data::mnist::Mnist::load(dir, *split != Split::Test)?;
+            limit(Box::new(d), *n_samples)
+        }
+        DataConfig::Cifar10 {
+            dir,
+            split,
+            n_samples,
+        } => {
+            let d = crate::data::cifar::Cifar10::load(dir, *split != Split::Test)?;
+            limit(Box::new(d), *n_samples)
+        }
+        DataConfig::ModularArithmetic {
+            modulus,
+            op,
+            split,
+            frac_train,
+            seed,
+            split_file,
+        } => Box::new(ModularArithmetic::new(
+            *modulus,
+            *op,
+            *split,
+            *frac_train,
+            *seed,
+            split_file.as_deref(),
+        )?),
+    })
+}
+
+/// The first `n` samples of a dataset.
+struct Take {
+    inner: Box<dyn Dataset>,
+    n: usize,
+}
+
+impl Dataset for Take {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn inputs(&self, range: std::ops::Range<usize>) -> crate::tensor::Batch {
+        self.inner.inputs(range)
+    }
+    fn labels(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        self.inner.labels(range)
+    }
+    fn describe(&self) -> String {
+        format!("{} (first {})", self.inner.describe(), self.n)
+    }
+}
+
+fn limit(d: Box<dyn Dataset>, n: Option<usize>) -> Box<dyn Dataset> {
+    match n {
+        Some(n) if n < d.len() => Box::new(Take { inner: d, n }),
+        _ => d,
+    }
+}
+
+/// Checks that the data fits the model's input.
+pub fn check_compatible(model: &Model, data: &dyn Dataset) -> anyhow::Result<()> {
+    let x = data.inputs(0..1.min(data.len()));
+    match model.input {
+        crate::models::InputKind::Features(d) if x.features() != d => bail!(
+            "data/model mismatch: {} gives {} input features (bias included) but model {} expects {d}",
+            data.describe(),
+            x.features(),
+            model.name
+        ),
+        crate::models::InputKind::Tokens { vocab } => {
+            if x.features() != 1 {
+                bail!("data/model mismatch: model {} expects token ids but {} gives {} features", model.name, data.describe(), x.features());
+            }
+            if let Some(bad) = x.data.col(0).iter().find(|&&t| t < 0.0 || t >= vocab as f64) {
+                bail!("data/model mismatch: token id {bad} from {} is outside the model's vocabulary of {vocab}", data.describe());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
