@@ -862,13 +862,10 @@ mod tests {
         }
         // Values read independently (Python zipfile + struct on the raw f32 storages).
         let w0 = &t["layers.0.W"].data;
-        assert_eq!(w0[0] as f32, -0.000_267_386_436_462_402_34_f32);
-        assert_eq!(w0[5 * 100 + 7] as f32, 0.014_615_472_406_148_91_f32);
-        assert_eq!(w0[78399] as f32, 0.001_986_248_185_858_130_5_f32);
-        assert_eq!(
-            t["layers.2.b"].data[3] as f32,
-            -0.222_530_156_373_977_66_f32
-        );
+        assert_eq!(w0[0], -0.000_267_386_436_462_402_34);
+        assert_eq!(w0[5 * 100 + 7], 0.014_615_472_406_148_91);
+        assert_eq!(w0[78399], 0.001_986_248_185_858_130_5);
+        assert_eq!(t["layers.2.b"].data[3], -0.222_530_156_373_977_66);
     }
 
     #[test]
@@ -911,8 +908,8 @@ mod tests {
         );
         assert_eq!(t["blocks.0.attn.IGNORE"].data, [f64::NEG_INFINITY]);
         assert_eq!(
-            t["embed.W_E"].data[113 * 128 + 127] as f32,
-            -0.064_464_427_530_765_53_f32
+            t["embed.W_E"].data[113 * 128 + 127],
+            -0.064_464_427_530_765_53
         );
     }
 }
