@@ -1,6 +1,8 @@
 //! Datasets: each yields model inputs as [`Batch`]es (in the model's input format, see
 //! [`crate::models::InputKind`]) plus a class label per sample, read at the last position.
 
+pub mod cifar;
+pub mod mnist;
 pub mod modadd;
 
 use crate::tensor::Batch;
