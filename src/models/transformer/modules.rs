@@ -39,7 +39,7 @@ fn for_rows(n: usize, r: usize, pos: usize, mut f: impl FnMut(usize, usize)) {
 
 /// Rows per block of the blocked transposes below: the block's rows of a row-major buffer
 /// (`BLOCK` cache lines) stay in L1 while its columns are walked.
-pub(super) const BLOCK: usize = 64;
+const BLOCK: usize = 64;
 
 /// Reads rows `row0 .. row0 + buf.len() / w`, columns `c0 .. c0 + w` of `m` into the
 /// row-major `buf` (row `i` at `buf[i * w .. (i + 1) * w]`), in cache-friendly blocks.
