@@ -8,6 +8,7 @@
 //! to 0 and integrated gradients need no special case for biases.
 
 pub mod mlp;
+pub mod transformer;
 
 use crate::tensor::Batch;
 use faer::{Mat, MatRef};
