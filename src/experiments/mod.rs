@@ -5,3 +5,6 @@ pub mod ablate;
 pub mod build;
 pub mod config;
 pub mod eval;
+pub mod figures;
+pub mod modularity;
+pub mod report;
