@@ -31,7 +31,7 @@ pub enum ModelConfig {
     /// A transformer with TransformerLens tensor names.
     Transformer {
         path: PathBuf,
-        #[serde(flatten)]
+        #[serde(default)]
         options: crate::models::transformer::TransformerOptions,
     },
 }
