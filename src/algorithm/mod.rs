@@ -127,6 +127,7 @@ pub fn resolve_node_layers(model: &Model, names: &[String]) -> anyhow::Result<Ve
             if index == 0 {
                 bail!("node layer `{name}` receives token ids, which cannot be differentiated; pick a later node layer");
             }
+            crate::models::transformer::check_node_layer(name)?;
         }
         if let Some(prev) = out.last() {
             if index == prev.index {
