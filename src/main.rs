@@ -1,7 +1,7 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
-use ibasis::experiments::{build, config::RunConfig, eval};
+use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,6 +18,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole experiment on one model: LIB, PCA and neuron graphs, ablations, modules,
+    /// Fourier labels, figures and an HTML report (default: the shipped modular-addition model).
+    Run {
+        #[arg(default_value = "configs/modadd-lib.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "out/modadd")]
+        out: PathBuf,
+        /// Accuracy tolerance of the "fewest features / edges" counts.
+        #[arg(long, default_value_t = 0.001)]
+        delta: f64,
+        /// Leiden resolution.
+        #[arg(long, default_value_t = 1.0)]
+        gamma: f64,
+    },
     /// Build the LIB (or PCA / neuron) graph a config describes: OUT/graph.safetensors + graph.json.
     Build {
         config: PathBuf,
@@ -27,17 +41,50 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Train a model (MLP on MNIST, or the modular-addition transformer).
+    Train {
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Evaluate a config's model on its data; prints {"accuracy": .., "loss": ..}.
     Eval {
         config: PathBuf,
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Node or edge ablation of a built graph: OUT/ablation.json.
+    Ablate {
+        config: PathBuf,
+        #[arg(long)]
+        graph: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// A self-contained HTML report of built graphs (the first one is clustered and drawn).
+    Report {
+        #[arg(long = "graph", required = true)]
+        graphs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        gamma: f64,
+    },
+    /// Time the reference builds (MNIST, modular addition) and print a table.
+    Bench {
+        /// Repetitions per job (the table shows the fastest).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    let result = run(cli.command);
+    bench::report_peak_memory();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -48,6 +95,15 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Run {
+            config,
+            out,
+            delta,
+            gamma,
+        } => {
+            let s = pipeline::run_pipeline(&config, &out, delta, gamma)?;
+            println!("{}", pipeline::describe(&s));
+        }
         Command::Build { config, out, model } => {
             let (graph, _) = build::run_build(&config, &out, model.as_deref())?;
             print!(
@@ -58,17 +114,46 @@ fn run(command: Command) -> anyhow::Result<()> {
                 )
             );
         }
+        Command::Train { config, out } => {
+            let r = train::train_from_config(&config, &out)?;
+            println!(
+                "trained {:?} in {:.1}s: train accuracy {:.4}, test accuracy {:.4} -> {}",
+                r.kind,
+                r.seconds,
+                r.train_accuracy,
+                r.test_accuracy,
+                out.display()
+            );
+        }
         Command::Eval { config, model } => {
-            let mut cfg = RunConfig::load(&config)?;
+            let mut cfg = config::RunConfig::load(&config)?;
             if let Some(m) = model {
                 cfg.set_model_path(m);
             }
-            let model = ibasis::experiments::config::load_model(&cfg.model)?;
-            let data = ibasis::experiments::config::load_data(&cfg.data)?;
-            ibasis::experiments::config::check_compatible(&model, data.as_ref())?;
+            let model = config::load_model(&cfg.model)?;
+            let data = config::load_data(&cfg.data)?;
+            config::check_compatible(&model, data.as_ref())?;
             let s = eval::evaluate(&model, data.as_ref(), None, 1024);
             println!("{}", serde_json::to_string(&s)?);
         }
+        Command::Ablate {
+            config,
+            graph,
+            out,
+            model,
+        } => {
+            let r = ablate::run_ablate(&config, &graph, &out, model.as_deref())?;
+            println!("baseline {:.6}", r.baseline);
+            for (k, n) in r.features_required.iter().chain(&r.edges_required) {
+                println!("  {k}: {n}");
+            }
+            println!("-> {}", out.join("ablation.json").display());
+        }
+        Command::Report { graphs, out, gamma } => {
+            pipeline::report_from_dirs(&graphs, &out, gamma)?;
+            println!("-> {}", out.display());
+        }
+        Command::Bench { repeat } => bench::run(repeat)?,
     }
     Ok(())
 }

@@ -38,23 +38,41 @@ pub fn exists(p: &Path) -> bool {
 }
 
 /// Random TransformerLens-named weights for a small one-layer model (vocab `p + 1`).
-pub fn random_transformer(seed: u64, p: usize, d_model: usize, heads: usize, d_head: usize, d_mlp: usize) -> ibasis::io::weights::Tensors {
+pub fn random_transformer(
+    seed: u64,
+    p: usize,
+    d_model: usize,
+    heads: usize,
+    d_head: usize,
+    d_mlp: usize,
+) -> ibasis::io::weights::Tensors {
     use ibasis::tensor::HostTensor;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     };
     let mut t = ibasis::io::weights::Tensors::new();
     let mut put = |name: &str, shape: Vec<usize>, scale: f64| {
         let n = shape.iter().product();
-        t.insert(name.to_string(), HostTensor::new(shape, (0..n).map(|_| scale * next()).collect()));
+        t.insert(
+            name.to_string(),
+            HostTensor::new(shape, (0..n).map(|_| scale * next()).collect()),
+        );
     };
     let v = p + 1;
     put("embed.W_E", vec![v, d_model], 1.0);
     put("pos_embed.W_pos", vec![3, d_model], 0.5);
     for w in ["W_Q", "W_K", "W_V"] {
-        put(&format!("blocks.0.attn.{w}"), vec![heads, d_model, d_head], 0.5);
+        put(
+            &format!("blocks.0.attn.{w}"),
+            vec![heads, d_model, d_head],
+            0.5,
+        );
     }
     for b in ["b_Q", "b_K", "b_V"] {
         put(&format!("blocks.0.attn.{b}"), vec![heads, d_head], 0.1);

@@ -6,12 +6,20 @@ use common::*;
 
 #[test]
 fn published_mnist_mlp_matches_reference() {
-    if !have(&["../shared/reference/mnist-mlp/model_epoch_12.pt", "data/mnist/train-images-idx3-ubyte"], "published_mnist_mlp_matches_reference") {
+    if !have(
+        &[
+            "../shared/reference/mnist-mlp/model_epoch_12.pt",
+            "data/mnist/train-images-idx3-ubyte",
+        ],
+        "published_mnist_mlp_matches_reference",
+    ) {
         return;
     }
     chdir_root();
     let out = tmp("mnist-lib");
-    let (g, _) = ibasis::experiments::build::run_build("configs/mnist-lib.toml".as_ref(), &out, None).unwrap();
+    let (g, _) =
+        ibasis::experiments::build::run_build("configs/mnist-lib.toml".as_ref(), &out, None)
+            .unwrap();
     let expected: [(&str, [f64; 5]); 3] = [
         ("layers.0", [378.05, 246.54, 212.38, 127.32, 114.69]),
         ("layers.1", [419.15, 243.67, 186.55, 102.96, 92.52]),
@@ -21,7 +29,11 @@ fn published_mnist_mlp_matches_reference() {
         assert_eq!(layer.name, name);
         for (k, want) in lambdas.iter().enumerate() {
             // The reference numbers carry 5 significant digits: allow their rounding too.
-            assert!(rel(layer.lambda[k], *want) < 1e-3, "{name} Lambda[{k}] = {} vs {want}", layer.lambda[k]);
+            assert!(
+                rel(layer.lambda[k], *want) < 1e-3,
+                "{name} Lambda[{k}] = {} vs {want}",
+                layer.lambda[k]
+            );
         }
     }
     for (e, want) in g.edges.iter().zip([1247.4, 1207.4, 1487.2]) {

@@ -84,9 +84,15 @@ fn stochastic_edges_are_unbiased_over_output_positions() {
     }
     mean *= faer::Scale(1.0 / runs as f64);
     let err = rel_frob(&mean, &exact.edges[0]);
-    assert!(first_err > 1e-3, "one run should differ from the exact edges ({first_err})");
+    assert!(
+        first_err > 1e-3,
+        "one run should differ from the exact edges ({first_err})"
+    );
     // The error of a mean of K independent runs shrinks like 1/sqrt(K); allow a factor 2.
-    assert!(err < 2.0 * first_err / (runs as f64).sqrt(), "mean error {err} vs single {first_err}");
+    assert!(
+        err < 2.0 * first_err / (runs as f64).sqrt(),
+        "mean error {err} vs single {first_err}"
+    );
 }
 
 #[test]
@@ -97,7 +103,20 @@ fn stochastic_basis_sources_are_unbiased_and_seeded() {
     let points = integration::points(integration::Rule::Gradient, 0).unwrap();
     let q = Mat::<f64>::from_fn(7, 5, |i, j| ((i * 5 + j) as f64 * 0.37).sin());
     let d = data();
-    let metric = |c: &LibConfig| ibasis::algorithm::basis::jacobian_metric(&m, &d, c, &layers, 0, &q, &points, BasisFormula::Jacobian).unwrap().m;
+    let metric = |c: &LibConfig| {
+        ibasis::algorithm::basis::jacobian_metric(
+            &m,
+            &d,
+            c,
+            &layers,
+            0,
+            &q,
+            &points,
+            BasisFormula::Jacobian,
+        )
+        .unwrap()
+        .m
+    };
     let exact = metric(&base);
     for (np, nh) in [(Some(2), None), (None, Some(2)), (Some(2), Some(2))] {
         let mut mean = Mat::<f64>::zeros(exact.nrows(), exact.ncols());
@@ -120,6 +139,9 @@ fn stochastic_basis_sources_are_unbiased_and_seeded() {
         mean *= faer::Scale(1.0 / runs as f64);
         let err = rel_frob(&mean, &exact);
         // Unbiased: the mean of K runs has error ~ single / sqrt(K); allow a factor 2.
-        assert!(single > 1e-3 && err < 2.0 * single / (runs as f64).sqrt(), "{np:?} {nh:?}: {err} vs {single}");
+        assert!(
+            single > 1e-3 && err < 2.0 * single / (runs as f64).sqrt(),
+            "{np:?} {nh:?}: {err} vs {single}"
+        );
     }
 }

@@ -19,6 +19,12 @@ pub fn run_build(
     if let Some(m) = model {
         cfg.set_model_path(m.to_path_buf());
     }
+    let graph = build_config(&cfg, &config_path.display().to_string(), out)?;
+    Ok((graph, cfg))
+}
+
+/// Builds the graph of an already loaded config (`source` names it in `graph.json`).
+pub fn build_config(cfg: &RunConfig, source: &str, out: &Path) -> anyhow::Result<Graph> {
     let t = Instant::now();
     let model = load_model(&cfg.model)?;
     let data = load_data(&cfg.data)?;
@@ -27,12 +33,12 @@ pub fn run_build(
     let mut graph = algorithm::build(&model, data.as_ref(), &cfg.lib)?;
     graph.timings.insert(0, ("load".to_string(), load_s));
     let mut json = serde_json::to_value(&cfg)?;
-    json["config_file"] = serde_json::Value::String(config_path.display().to_string());
+    json["config_file"] = serde_json::Value::String(source.to_string());
     json["data_description"] = serde_json::Value::String(data.describe());
     graph
         .save(out, json)
         .with_context(|| format!("cannot write results into {}", out.display()))?;
-    Ok((graph, cfg))
+    Ok(graph)
 }
 
 /// A short human summary: dimensions, leading importances, edge totals, time taken.

@@ -2,9 +2,13 @@
 //! and reports. Each reads configs and files and calls into `algorithm` and `models`.
 
 pub mod ablate;
+pub mod bench;
 pub mod build;
 pub mod config;
 pub mod eval;
 pub mod figures;
+pub mod fourier;
 pub mod modularity;
+pub mod pipeline;
 pub mod report;
+pub mod train;

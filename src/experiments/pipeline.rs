@@ -1,0 +1,607 @@
+//! The whole experiment of method.md section 10 on one model: LIB, PCA and neuron bases, node
+//! ablation curves, edge bisection, Leiden modules, Fourier labels, figures and an HTML report.
+
+use super::ablate::{
+    edge_ablation, node_ablation, AblationResult, AblationSettings, Metric, Schedule,
+};
+use super::build::build_config;
+use super::config::{load_data, load_model, DataConfig, RunConfig};
+use super::figures::{self, Curve, GraphDrawOptions, GraphView, LayerView};
+use super::fourier::{label_features, FourierLabel};
+use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
+use super::report::{write_report, Figure, Report, ReportSection, Table};
+use crate::algorithm::{BasisFormula, EdgeFormula, Graph};
+use crate::data::modadd::Split;
+use crate::io::write_atomic;
+use anyhow::Context;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `ibasis run` writes to `summary.json` (and prints).
+#[derive(Serialize)]
+pub struct PipelineSummary {
+    pub model: String,
+    pub baseline: f64,
+    pub metric: String,
+    /// Per node layer: fewest features within `delta` of the baseline, per basis.
+    pub features_required: Vec<(String, Vec<(String, Option<usize>)>)>,
+    /// Per edge matrix: fewest edges within `delta`, per basis.
+    pub edges_required: Vec<(String, Vec<(String, usize)>)>,
+    pub n_modules: usize,
+    pub modularity_q: f64,
+    pub timings: Vec<(String, f64)>,
+    pub report: PathBuf,
+}
+
+/// Runs everything for `config` (a LIB build config) into `out`.
+pub fn run_pipeline(
+    config: &Path,
+    out: &Path,
+    delta: f64,
+    gamma: f64,
+) -> anyhow::Result<PipelineSummary> {
+    let t0 = Instant::now();
+    let mut timings = Vec::new();
+    let lib_cfg = RunConfig::load(config)?;
+    let variant = |formula: BasisFormula, center: bool, edges: EdgeFormula| {
+        let mut c = lib_cfg.clone();
+        c.lib.basis_formula = formula;
+        c.lib.center = center;
+        c.lib.edge_formula = edges;
+        c
+    };
+    let runs = [
+        ("lib", lib_cfg.clone()),
+        (
+            "pca",
+            variant(BasisFormula::Svd, true, lib_cfg.lib.edge_formula),
+        ),
+        (
+            "neuron",
+            variant(BasisFormula::Neuron, false, EdgeFormula::None),
+        ),
+    ];
+    let source = config.display().to_string();
+    let mut graphs = Vec::new();
+    for (name, cfg) in &runs {
+        let t = Instant::now();
+        let g = build_config(cfg, &format!("{source} ({name})"), &out.join(name))?;
+        timings.push((format!("build {name}"), t.elapsed().as_secs_f64()));
+        graphs.push(g);
+    }
+
+    let model = load_model(&lib_cfg.model)?;
+    let test = load_data(&lib_cfg.with_split(Split::Test))?;
+    let node_settings = AblationSettings {
+        kind: super::ablate::AblationKind::Node,
+        schedule: Schedule::Exponential,
+        cutoff: 20,
+        base: 2.0,
+        step: 1,
+        delta,
+        split: Split::Test,
+        metric: Metric::Accuracy,
+        node_layers: None,
+        batch_size: 1024,
+    };
+    let mut node_results = Vec::new();
+    for ((name, _), g) in runs.iter().zip(&graphs) {
+        let t = Instant::now();
+        let r = node_ablation(&model, test.as_ref(), g, &node_settings)?;
+        save_ablation(&out.join(name).join("ablation-nodes"), &r, name)?;
+        timings.push((format!("node ablation {name}"), t.elapsed().as_secs_f64()));
+        node_results.push(r);
+    }
+    let edge_settings = AblationSettings {
+        kind: super::ablate::AblationKind::Edge,
+        schedule: Schedule::Bisect,
+        ..node_settings.clone()
+    };
+    let mut edge_results = Vec::new();
+    for ((name, _), g) in runs.iter().zip(&graphs).take(2) {
+        let t = Instant::now();
+        let r = edge_ablation(&model, test.as_ref(), g, &edge_settings)?;
+        save_ablation(&out.join(name).join("ablation-edges"), &r, name)?;
+        timings.push((format!("edge bisection {name}"), t.elapsed().as_secs_f64()));
+        edge_results.push(r);
+    }
+
+    let t = Instant::now();
+    let fourier = fourier_labels(&lib_cfg, &model, &graphs[0])?;
+    timings.push(("Fourier labels".into(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let html = out.join("report.html");
+    let clusters = write_full_report(
+        &html,
+        &lib_cfg,
+        &[
+            ("LIB", &graphs[0]),
+            ("PCA", &graphs[1]),
+            ("neurons", &graphs[2]),
+        ],
+        &node_results,
+        &edge_results,
+        fourier.as_deref(),
+        gamma,
+        &out.join("figures"),
+    )?;
+    timings.push((
+        "clustering, figures, report".into(),
+        t.elapsed().as_secs_f64(),
+    ));
+    timings.push(("total".into(), t0.elapsed().as_secs_f64()));
+
+    let baseline = node_results[0].baseline;
+    let features_required = graphs[0]
+        .layers
+        .iter()
+        .filter(|b| b.name != crate::models::OUTPUT)
+        .map(|b| {
+            let per: Vec<(String, Option<usize>)> = runs
+                .iter()
+                .zip(&node_results)
+                .map(|((name, _), r)| (name.to_string(), fewest_within(r, &b.name, delta)))
+                .collect();
+            (b.name.clone(), per)
+        })
+        .collect();
+    let edges_required = edge_results[0]
+        .edges_required
+        .keys()
+        .map(|k| {
+            let per = runs
+                .iter()
+                .zip(&edge_results)
+                .map(|((name, _), r)| {
+                    (
+                        name.to_string(),
+                        r.edges_required.get(k).copied().unwrap_or(0),
+                    )
+                })
+                .collect();
+            (k.clone(), per)
+        })
+        .collect();
+    let summary = PipelineSummary {
+        model: lib_cfg.model_path().display().to_string(),
+        baseline,
+        metric: "accuracy".into(),
+        features_required,
+        edges_required,
+        n_modules: clusters.n_clusters,
+        modularity_q: clusters.q,
+        timings,
+        report: html,
+    };
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+fn save_ablation(dir: &Path, r: &AblationResult, basis: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut r = r.clone();
+    r.basis = basis.to_string();
+    write_atomic(
+        &dir.join("ablation.json"),
+        serde_json::to_string_pretty(&r)?.as_bytes(),
+    )
+}
+
+/// Smallest kept count on a curve whose score is within `delta` of the baseline (and stays so
+/// for every larger count measured).
+pub fn fewest_within(r: &AblationResult, layer: &str, delta: f64) -> Option<usize> {
+    let c = r.node_layers.get(layer)?;
+    let ok: Vec<bool> = c.score.iter().map(|s| *s >= r.baseline - delta).collect();
+    (0..ok.len())
+        .find(|&i| ok[i..].iter().all(|&b| b))
+        .map(|i| c.n_kept[i])
+}
+
+/// Fourier labels of every LIB feature when the data is modular arithmetic.
+pub fn fourier_labels(
+    cfg: &RunConfig,
+    model: &crate::models::Model,
+    g: &Graph,
+) -> anyhow::Result<Option<Vec<Vec<FourierLabel>>>> {
+    let DataConfig::ModularArithmetic { modulus, op, .. } = &cfg.data else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for b in &g.layers {
+        if b.name == crate::models::OUTPUT {
+            out.push(Vec::new());
+        } else {
+            out.push(label_features(model, b, *modulus, *op)?);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn view(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> GraphView {
+    GraphView {
+        layers: g
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, b)| LayerView {
+                name: b.name.clone(),
+                importance: if b.lambda.is_empty() {
+                    vec![1.0; b.d_lib()]
+                } else {
+                    b.lambda.clone()
+                },
+                has_constant: b.has_constant,
+                labels: labels
+                    .and_then(|ls| ls.get(l))
+                    .filter(|v| !v.is_empty())
+                    .map(|v| v.iter().map(|f| f.label.clone()).collect()),
+            })
+            .collect(),
+        edges: g.edges.clone(),
+    }
+}
+
+/// Clusters the first graph, draws every figure into `fig_dir` and writes the report.
+#[allow(clippy::too_many_arguments)]
+pub fn write_full_report(
+    html: &Path,
+    cfg: &RunConfig,
+    graphs: &[(&str, &Graph)],
+    node_results: &[AblationResult],
+    edge_results: &[AblationResult],
+    fourier: Option<&[Vec<FourierLabel>]>,
+    gamma: f64,
+    fig_dir: &Path,
+) -> anyhow::Result<Clusters> {
+    std::fs::create_dir_all(fig_dir)
+        .with_context(|| format!("cannot create {}", fig_dir.display()))?;
+    let (lib_name, lib) = graphs[0];
+    let lib_view = view(lib, fourier);
+    let clusters = cluster_graph(
+        &lib_view,
+        &ModularityOptions {
+            gamma,
+            seed: 0,
+            norm: EdgeNorm::Sqrt,
+        },
+    )?;
+    let mut sections = Vec::new();
+
+    // Overview: dimensions and timings.
+    let mut dims = Table {
+        caption: "Node layers: original and kept dimensions per basis".into(),
+        header: vec!["node layer".into(), "positions".into(), "original".into()],
+        rows: vec![],
+    };
+    for (name, _) in graphs {
+        dims.header.push(format!("{name} kept"));
+    }
+    for (l, b) in lib.layers.iter().enumerate() {
+        let mut row = vec![b.name.clone(), b.pos.to_string(), b.d_orig.to_string()];
+        for (_, g) in graphs {
+            row.push(g.layers[l].d_lib().to_string());
+        }
+        dims.rows.push(row);
+    }
+    let timing = Table {
+        caption: format!("Build time of the {lib_name} graph (seconds)"),
+        header: vec!["stage".into(), "seconds".into()],
+        rows: lib
+            .timings
+            .iter()
+            .map(|(k, v)| vec![k.clone(), format!("{v:.3}")])
+            .collect(),
+    };
+    sections.push(ReportSection {
+        heading: "Run".into(),
+        paragraphs: vec![
+            format!("Model: {}.", cfg.model_path().display()),
+            format!("Node layers: {}.", cfg.lib.node_layers.join(", ")),
+            format!(
+                "Basis formula {:?}, centring {}, tau {:e}, integration {:?}, edges {:?}.",
+                cfg.lib.basis_formula,
+                cfg.lib.center,
+                cfg.lib.tau,
+                cfg.lib.integration_rule,
+                cfg.lib.edge_formula
+            ),
+        ],
+        tables: vec![dims, timing],
+        figures: vec![],
+    });
+
+    // Interaction graph.
+    let title = format!(
+        "{lib_name} interaction graph: {} modules, Q = {:.3}",
+        clusters.n_clusters, clusters.q
+    );
+    let files = figures::draw_interaction_graph(
+        &fig_dir.join("graph-lib"),
+        &lib_view,
+        Some(&clusters),
+        &GraphDrawOptions {
+            title: Some(title.clone()),
+            group_by_cluster: true,
+            ..Default::default()
+        },
+    )?;
+    let sizes = clusters.sizes();
+    sections.push(ReportSection {
+        heading: "Interaction graph and modules".into(),
+        paragraphs: vec![format!(
+            "Leiden communities (resolution {gamma}, sqrt-normalised edges, constant feature excluded): {} modules, modularity Q = {:.4}. Module sizes: {:?}.",
+            clusters.n_clusters,
+            clusters.q,
+            &sizes[..sizes.len().min(12)]
+        )],
+        tables: vec![],
+        figures: vec![Figure::from_files(title, &files)],
+    });
+
+    // Ablation curves.
+    if !node_results.is_empty() {
+        let mut figs = Vec::new();
+        let mut table = Table {
+            caption: "Fewest features within delta of the unablated accuracy".into(),
+            header: vec!["node layer".into()],
+            rows: vec![],
+        };
+        for (name, _) in graphs.iter().take(node_results.len()) {
+            table.header.push(name.to_string());
+        }
+        for b in lib
+            .layers
+            .iter()
+            .filter(|b| b.name != crate::models::OUTPUT)
+        {
+            let curves: Vec<Curve> = graphs
+                .iter()
+                .zip(node_results)
+                .filter_map(|((name, _), r)| {
+                    r.node_layers.get(&b.name).map(|c| Curve {
+                        label: name.to_string(),
+                        n_kept: c.n_kept.clone(),
+                        score: c.score.clone(),
+                    })
+                })
+                .collect();
+            let stem = fig_dir.join(format!("ablation-{}", b.name.replace(['/', '.'], "_")));
+            let f = figures::draw_ablation_curves(
+                &stem,
+                &b.name,
+                &curves,
+                node_results[0].baseline,
+                "accuracy",
+            )?;
+            figs.push(Figure::from_files(
+                format!("Node ablation at {}", b.name),
+                &f,
+            ));
+            let mut row = vec![b.name.clone()];
+            for r in node_results {
+                row.push(
+                    fewest_within(r, &b.name, 0.001)
+                        .map(|n| n.to_string())
+                        .unwrap_or("-".into()),
+                );
+            }
+            table.rows.push(row);
+        }
+        sections.push(ReportSection {
+            heading: "Node ablation".into(),
+            paragraphs: vec![format!(
+                "Keep the n most important features of each basis at one node layer, run the rest of the model, measure test accuracy (unablated: {:.6}).",
+                node_results[0].baseline
+            )],
+            tables: vec![table],
+            figures: figs,
+        });
+    }
+    if !edge_results.is_empty() {
+        let mut table = Table {
+            caption: "Fewest edges within delta of the unablated accuracy (bisection; edges from the constant feature always kept, not counted)".into(),
+            header: vec!["edge matrix".into(), "total edges".into()],
+            rows: vec![],
+        };
+        for (name, _) in graphs.iter().take(edge_results.len()) {
+            table.header.push(name.to_string());
+        }
+        for (l, e) in lib.edges.iter().enumerate() {
+            let key = format!("{}/{}", lib.layers[l].name, lib.layers[l + 1].name);
+            let mut row = vec![key.clone(), (e.nrows() * e.ncols()).to_string()];
+            for r in edge_results {
+                row.push(
+                    r.edges_required
+                        .get(&key)
+                        .map(|n| n.to_string())
+                        .unwrap_or("-".into()),
+                );
+            }
+            table.rows.push(row);
+        }
+        sections.push(ReportSection {
+            heading: "Edge ablation".into(),
+            paragraphs: vec![],
+            tables: vec![table],
+            figures: vec![],
+        });
+    }
+
+    // Spectra and edge mass.
+    let mut spectra = Vec::new();
+    let mut mass = Vec::new();
+    for (name, g) in graphs {
+        for b in &g.layers {
+            if !b.lambda.is_empty() && *name != "neurons" {
+                spectra.push((format!("{name} {}", b.name), b.lambda.clone()));
+            }
+        }
+        for (l, e) in g.edges.iter().enumerate() {
+            let mut v: Vec<f64> = e
+                .col_iter()
+                .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
+                .collect();
+            v.sort_by(|a, b| b.total_cmp(a));
+            mass.push((
+                format!("{name} {}->{}", g.layers[l].name, g.layers[l + 1].name),
+                v,
+            ));
+        }
+    }
+    let mut figs = Vec::new();
+    if !spectra.is_empty() {
+        let f = figures::draw_spectra(&fig_dir.join("spectra"), &spectra)?;
+        figs.push(Figure::from_files(
+            "Lambda (LIB) and eigenvalue (PCA) spectra",
+            &f,
+        ));
+    }
+    if !mass.is_empty() {
+        let f = figures::draw_edge_mass(&fig_dir.join("edge-mass"), &mass)?;
+        figs.push(Figure::from_files(
+            "Sorted edge mass: fraction of the total held by the top edges",
+            &f,
+        ));
+    }
+    sections.push(ReportSection {
+        heading: "Spectra and edge mass".into(),
+        paragraphs: vec![],
+        tables: vec![],
+        figures: figs,
+    });
+
+    // Fourier labels.
+    if let Some(labels) = fourier {
+        let mut table = Table {
+            caption: "Leading LIB features: Fourier power split and dominant frequency (k_a, k_b)"
+                .into(),
+            header: vec![
+                "node layer".into(),
+                "feature".into(),
+                "Lambda".into(),
+                "const".into(),
+                "a".into(),
+                "b".into(),
+                "cross".into(),
+                "dominant".into(),
+            ],
+            rows: vec![],
+        };
+        for (l, ls) in labels.iter().enumerate() {
+            for (j, f) in ls.iter().enumerate().take(12) {
+                let (ka, kb, frac) = f.dominant.first().copied().unwrap_or((0, 0, 0.0));
+                table.rows.push(vec![
+                    lib.layers[l].name.clone(),
+                    j.to_string(),
+                    format!(
+                        "{:.4e}",
+                        lib.layers[l].lambda.get(j).copied().unwrap_or(0.0)
+                    ),
+                    format!("{:.3}", f.constant),
+                    format!("{:.3}", f.a),
+                    format!("{:.3}", f.b),
+                    format!("{:.3}", f.cross),
+                    format!("({ka}, {kb}) {:.0}%", 100.0 * frac),
+                ]);
+            }
+        }
+        sections.push(ReportSection {
+            heading: "Fourier labels".into(),
+            paragraphs: vec!["Each LIB feature's activation over all p^2 input pairs (summed over positions), 2-D DFT; fractions of its power in the constant, pure-a, pure-b and cross terms.".into()],
+            tables: vec![table],
+            figures: vec![],
+        });
+    }
+    write_report(
+        html,
+        &Report {
+            title: format!("ibasis report: {}", cfg.model_path().display()),
+            sections,
+        },
+    )?;
+    Ok(clusters)
+}
+
+/// `ibasis report --graph DIR [--graph DIR ...] --out report.html`: the report of built graphs,
+/// with the ablation results found inside them (`DIR/ablation-nodes`, `DIR/ablation-edges`).
+pub fn report_from_dirs(dirs: &[PathBuf], out: &Path, gamma: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(!dirs.is_empty(), "give at least one --graph folder");
+    let mut loaded = Vec::new();
+    for d in dirs {
+        let (g, s) = Graph::load(d)?;
+        loaded.push((
+            d.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            g,
+            s,
+        ));
+    }
+    let cfg: RunConfig =
+        serde_json::from_value(super::ablate::strip_extras(loaded[0].2.config.clone()))
+            .context("graph.json has no usable build config")?;
+    let read = |d: &Path, kind: &str| -> Option<AblationResult> {
+        let text = std::fs::read_to_string(d.join(kind).join("ablation.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let nodes: Vec<AblationResult> = dirs
+        .iter()
+        .map_while(|d| read(d, "ablation-nodes"))
+        .collect();
+    let edges: Vec<AblationResult> = dirs
+        .iter()
+        .map_while(|d| read(d, "ablation-edges"))
+        .collect();
+    let model = load_model(&cfg.model)?;
+    let fourier = fourier_labels(&cfg, &model, &loaded[0].1)?;
+    let graphs: Vec<(&str, &Graph)> = loaded.iter().map(|(n, g, _)| (n.as_str(), g)).collect();
+    let fig_dir = out.with_extension("figures");
+    write_full_report(
+        out,
+        &cfg,
+        &graphs,
+        &nodes,
+        &edges,
+        fourier.as_deref(),
+        gamma,
+        &fig_dir,
+    )?;
+    Ok(())
+}
+
+/// A few lines for a person.
+pub fn describe(s: &PipelineSummary) -> String {
+    let mut out = format!(
+        "model {}: unablated test {} {:.6}\n",
+        s.model, s.metric, s.baseline
+    );
+    out += "fewest features within delta (lib / pca / neuron):\n";
+    for (layer, per) in &s.features_required {
+        let v: Vec<String> = per
+            .iter()
+            .map(|(_, n)| n.map(|n| n.to_string()).unwrap_or("-".into()))
+            .collect();
+        out += &format!("  {layer:<10} {}\n", v.join(" / "));
+    }
+    out += "fewest edges within delta (lib / pca):\n";
+    for (m, per) in &s.edges_required {
+        let v: Vec<String> = per.iter().map(|(_, n)| n.to_string()).collect();
+        out += &format!("  {m:<18} {}\n", v.join(" / "));
+    }
+    out += &format!(
+        "Leiden: {} modules, Q = {:.4}\n",
+        s.n_modules, s.modularity_q
+    );
+    let t: Vec<String> = s
+        .timings
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}s"))
+        .collect();
+    out += &format!("time: {}\n", t.join(", "));
+    out += &format!("report: {}", s.report.display());
+    out
+}
