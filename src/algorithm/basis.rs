@@ -142,9 +142,18 @@ pub fn node_basis(
         return Ok(basis);
     }
     if formula == BasisFormula::Neuron {
-        basis.c = Some(Mat::identity(d_orig, d_orig));
-        basis.c_pinv = Some(Mat::identity(d_orig, d_orig));
-        basis.lambda = (0..d_orig).map(|i| gram[(i, i)]).collect();
+        // A permutation of the neurons: the bias coordinate first (the constant feature, so
+        // ablations keep it like the constant direction of the other bases), then the neurons
+        // by decreasing E[f_i^2].
+        let second = moments.gram(false);
+        let mut order: Vec<usize> = (0..d_orig.saturating_sub(1)).collect();
+        order.sort_by(|&a, &b| second[(b, b)].total_cmp(&second[(a, a)]));
+        order.insert(0, d_orig - 1);
+        let c = Mat::from_fn(d_orig, d_orig, |i, j| if order[j] == i { 1.0 } else { 0.0 });
+        basis.c_pinv = Some(c.transpose().to_owned());
+        basis.c = Some(c);
+        basis.lambda = order.iter().map(|&i| second[(i, i)]).collect();
+        basis.has_constant = !is_output;
         return Ok(basis);
     }
     let p = pca(&gram, center, ln_var, cfg.tau)?;

@@ -126,7 +126,7 @@ impl AblationConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))
+            .map_err(|e| super::config::toml_error(&text, &e))
             .with_context(|| format!("invalid ablation config {}", path.display()))
     }
 }

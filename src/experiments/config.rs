@@ -103,9 +103,7 @@ impl RunConfig {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let cfg: RunConfig =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
-        Ok(cfg)
+        toml::from_str(text).map_err(|e| toml_error(text, &e))
     }
 
     pub fn model_path(&self) -> &Path {
@@ -130,6 +128,20 @@ impl RunConfig {
             | DataConfig::ModularArithmetic { split: s, .. } => *s = split,
         }
         d
+    }
+}
+
+/// A TOML error on one line: `line L, column C: message`.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let message = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            anyhow::anyhow!("line {line}, column {column}: {message}")
+        }
+        None => anyhow::anyhow!("{message}"),
     }
 }
 

@@ -306,7 +306,9 @@ pub fn train_from_config(config_path: &Path, out: &Path) -> anyhow::Result<Train
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("cannot read config {}", config_path.display()))?;
     let file = config_path.display();
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{file}"))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| crate::experiments::config::toml_error(&text, &e))
+        .with_context(|| format!("{file}"))?;
     let kind = match table.get("kind") {
         Some(toml::Value::String(s)) => s.clone(),
         Some(_) => bail!("{file}: key `kind` must be a string (\"mlp\" or \"modadd\")"),
@@ -314,8 +316,9 @@ pub fn train_from_config(config_path: &Path, out: &Path) -> anyhow::Result<Train
     };
     let (tensors, report) = match kind.as_str() {
         "modadd" => {
-            let cfg: ModaddTrainConfig =
-                toml::from_str(&text).with_context(|| format!("{file}"))?;
+            let cfg: ModaddTrainConfig = toml::from_str(&text)
+                .map_err(|e| crate::experiments::config::toml_error(&text, &e))
+                .with_context(|| format!("{file}"))?;
             let d = &cfg.data;
             let split = |s| {
                 ModularArithmetic::new(
@@ -332,7 +335,9 @@ pub fn train_from_config(config_path: &Path, out: &Path) -> anyhow::Result<Train
             train_modadd(&cfg, &train, &test).with_context(|| format!("{file}"))?
         }
         "mlp" => {
-            let cfg: MlpTrainConfig = toml::from_str(&text).with_context(|| format!("{file}"))?;
+            let cfg: MlpTrainConfig = toml::from_str(&text)
+                .map_err(|e| crate::experiments::config::toml_error(&text, &e))
+                .with_context(|| format!("{file}"))?;
             let (train, test) = mlp_data(&cfg).with_context(|| format!("{file}: [data]"))?;
             let (w, report) = train_mlp(&cfg, train.as_ref(), test.as_ref())
                 .with_context(|| format!("{file}"))?;
