@@ -330,8 +330,8 @@ fn vjp_metric(
     if r == 0 {
         bail!("zero stochastic sources requested");
     }
-    // Keep each batch's pulled-back rows to ~4M numbers.
-    let budget = 4_000_000 / (r * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
+    // Keep each batch's pulled-back rows near CHUNK_NUMBERS numbers.
+    let budget = super::CHUNK_NUMBERS / (r * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
     let batch = budget.clamp(1, cfg.batch_size);
     let seed = cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(l as u64 + 1));
     let qt = q.transpose().to_owned();

@@ -233,7 +233,7 @@ fn jvp_edges(
     let pos_in = data_positions(model, data, from);
     let pos_out = section.out_pos(pos_in);
     let d_out = q.nrows();
-    let budget = 4_000_000 / (n_lib * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
+    let budget = super::CHUNK_NUMBERS / (n_lib * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
     let batch = budget.clamp(1, cfg.batch_size);
     let n_signs = cfg.n_stochastic_sources_edges.max(1);
     let seed = cfg.seed ^ 0x5eed_ed9e_u64.wrapping_mul(l as u64 + 1);
