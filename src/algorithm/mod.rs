@@ -156,7 +156,7 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     if data.is_empty() {
         bail!("the dataset is empty");
     }
-    if !(cfg.tau >= 0.0) {
+    if cfg.tau.is_nan() || cfg.tau < 0.0 {
         bail!("tau must be >= 0, got {}", cfg.tau);
     }
     let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
