@@ -325,11 +325,18 @@ fn jvp_edges(
                     }
                 }
                 _ => {
-                    for row in 0..bracket.nrows() {
-                        let j = (row / pos_out) % n_lib;
-                        for i in 0..n_out {
-                            let b = bracket[(row, i)];
-                            acc.0[(i, j)] += b * b;
+                    // Rows (x, j, t): sum the squares per j down each (contiguous) column.
+                    let mut sums = vec![0.0; n_lib];
+                    for i in 0..n_out {
+                        sums.fill(0.0);
+                        let col = bracket.col_as_slice(i);
+                        for block in col.chunks_exact(n_lib * pos_out) {
+                            for (s, b) in sums.iter_mut().zip(block.chunks_exact(pos_out)) {
+                                *s += b.iter().map(|v| v * v).sum::<f64>();
+                            }
+                        }
+                        for (j, s) in sums.iter().enumerate() {
+                            acc.0[(i, j)] += s;
                         }
                     }
                 }
