@@ -5,6 +5,11 @@ use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc keeps freed pages for reuse: the per-batch buffers of the streaming passes would
+/// otherwise be fresh `mmap`s, each page faulted in and zeroed by the kernel.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ibasis",

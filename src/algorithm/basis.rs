@@ -12,7 +12,7 @@ use super::section::{classify, Shape};
 use super::stats::Moments;
 use super::{BasisFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
-use crate::models::{Model, OUTPUT};
+use crate::models::{Model, Section, OUTPUT};
 use crate::tensor::linalg::{eigh_abs_desc, eigh_masked, gram_add, mm, mm_tn, select_cols};
 use crate::tensor::Batch;
 use anyhow::bail;
@@ -339,12 +339,22 @@ fn vjp_metric(
     if r == 0 {
         bail!("zero stochastic sources requested");
     }
-    // Keep each batch's pulled-back rows to ~4M numbers.
-    let budget = 4_000_000 / (r * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
+    // Keep each batch's pulled-back rows near CHUNK_NUMBERS numbers.
+    let budget = super::CHUNK_NUMBERS / (r * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
     let batch = budget.clamp(1, cfg.batch_size);
     let seed = cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(l as u64 + 1));
     let qt = q.transpose().to_owned();
     let label = format!("metric {}", layers[l].name);
+    // Exact cotangents are the same for every sample: pull them back through the section's
+    // fixed linear suffix once (for one sample) and tile them over each batch's samples.
+    let exact = !legacy && n_pos.is_none() && n_hidden.is_none();
+    let split = section.modules.len() - section.fixed_linear_suffix();
+    let (head, tail) = section.split_at(split);
+    let pulled = exact.then(|| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let one = cotangents(&qt, 1, pos_out, None, None, &mut rng);
+        tail.vjp(&Section::no_caches(tail.modules.len()), &one)
+    });
     let (m, lp, count) = fold(
         data,
         batch,
@@ -361,7 +371,8 @@ fn vjp_metric(
             let n = f.n;
             let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(c as u64));
             let fixed_cot =
-                (!legacy).then(|| cotangents(&qt, n, pos_out, n_pos, n_hidden, &mut rng));
+                (!legacy && !exact).then(|| cotangents(&qt, n, pos_out, n_pos, n_hidden, &mut rng));
+            let tiled = pulled.as_ref().map(|p| tile(p, n));
             let y_hat = legacy.then(|| {
                 let y = model.run(f.clone(), from, to);
                 mm(y.data.as_ref(), q.as_ref())
@@ -375,6 +386,11 @@ fn vjp_metric(
                     Mat::from_fn(f.rows(), d_in, |i, j| a * f.data[(i, j)]),
                 );
                 let (y, caches) = section.forward(&x);
+                if let Some(t) = &tiled {
+                    let gp = head.vjp(&caches[..split], t);
+                    g += faer::Scale(w) * &gp.data;
+                    continue;
+                }
                 let cot = match (&fixed_cot, &y_hat, formula) {
                     (Some(cot), _, _) => cot.clone(),
                     (None, Some(yh), BasisFormula::OneZeroAlpha) => {
@@ -405,6 +421,19 @@ fn vjp_metric(
         m: m * faer::Scale(1.0 / scale),
         lambda_prime: legacy.then(|| lp * faer::Scale(1.0 / count)),
     })
+}
+
+/// The one-sample batch `b` repeated for `n` samples (rows `(x, v, s)` are `x`-major).
+fn tile(b: &Batch, n: usize) -> Batch {
+    let rows = b.rows();
+    let mut data = Mat::zeros(n * rows, b.features());
+    for j in 0..b.features() {
+        let src = b.data.col_as_slice(j);
+        for dst in data.col_as_slice_mut(j).chunks_exact_mut(rows) {
+            dst.copy_from_slice(src);
+        }
+    }
+    Batch::new(n, b.r, b.pos, data)
 }
 
 /// Cotangents on the section output for `n` samples: rows `(x, v, t)`, one per output

@@ -10,7 +10,7 @@ use super::pass::{activations_at, fold};
 use super::section::{classify, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
-use crate::models::Model;
+use crate::models::{Model, Section};
 use crate::tensor::linalg::mm;
 use crate::tensor::Batch;
 use faer::Mat;
@@ -233,10 +233,20 @@ fn jvp_edges(
     let pos_in = data_positions(model, data, from);
     let pos_out = section.out_pos(pos_in);
     let d_out = q.nrows();
-    let budget = 4_000_000 / (n_lib * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
+    let budget = super::CHUNK_NUMBERS / (n_lib * pos_in.max(pos_out) * d_in.max(d_out)).max(1);
     let batch = budget.clamp(1, cfg.batch_size);
     let n_signs = cfg.n_stochastic_sources_edges.max(1);
     let seed = cfg.seed ^ 0x5eed_ed9e_u64.wrapping_mul(l as u64 + 1);
+    // The tangents are C_pinv's rows scaled per sample and position: push the rows through the
+    // section's fixed linear prefix once instead of once per sample.
+    let k = section.fixed_linear_prefix();
+    let (head, tail) = section.split_at(k);
+    let dirs = head
+        .jvp(
+            &Section::no_caches(k),
+            &Batch::new(1, n_lib, 1, c_pinv.clone()),
+        )
+        .data;
     let (e, rows) = fold(
         data,
         batch,
@@ -247,15 +257,17 @@ fn jvp_edges(
             let n = f.n;
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
-            // Tangents: row (x, j, s) = fhat[(x, s), j] * C_pinv[j, :].
-            let mut tangent = Mat::zeros(n * n_lib * pos_in, d_in);
-            for x in 0..n {
+            // Tangents after the fixed linear prefix:
+            // row (x, j, s) = fhat[(x, s), j] * (C_pinv[j, :] pushed through the prefix).
+            let mut tangent = Mat::zeros(n * n_lib * pos_in, dirs.ncols());
+            for col in 0..dirs.ncols() {
+                let dst = tangent.col_as_slice_mut(col);
                 for j in 0..n_lib {
-                    for s in 0..pos_in {
-                        let v = fhat[(x * pos_in + s, j)];
-                        let row = (x * n_lib + j) * pos_in + s;
-                        for col in 0..d_in {
-                            tangent[(row, col)] = v * c_pinv[(j, col)];
+                    let (fj, dj) = (fhat.col_as_slice(j), dirs[(j, col)]);
+                    for x in 0..n {
+                        let out = &mut dst[(x * n_lib + j) * pos_in..][..pos_in];
+                        for (o, f) in out.iter_mut().zip(&fj[x * pos_in..][..pos_in]) {
+                            *o = f * dj;
                         }
                     }
                 }
@@ -267,14 +279,9 @@ fn jvp_edges(
             });
             let mut bracket = Mat::<f64>::zeros(n * n_lib * pos_out, n_out);
             for &(a, w) in points {
-                let x = Batch::new(
-                    n,
-                    1,
-                    pos_in,
-                    Mat::from_fn(proj.nrows(), d_in, |i, j| a * proj[(i, j)]),
-                );
+                let x = Batch::new(n, 1, pos_in, faer::Scale(a) * &proj);
                 let (y, caches) = section.forward(&x);
-                let out = mm(section.jvp(&caches, &tangent).data.as_ref(), q.as_ref());
+                let out = mm(tail.jvp(&caches[k..], &tangent).data.as_ref(), q.as_ref());
                 match &y_full {
                     None => bracket += faer::Scale(w) * &out,
                     Some(yf) => {
@@ -318,11 +325,18 @@ fn jvp_edges(
                     }
                 }
                 _ => {
-                    for row in 0..bracket.nrows() {
-                        let j = (row / pos_out) % n_lib;
-                        for i in 0..n_out {
-                            let b = bracket[(row, i)];
-                            acc.0[(i, j)] += b * b;
+                    // Rows (x, j, t): sum the squares per j down each (contiguous) column.
+                    let mut sums = vec![0.0; n_lib];
+                    for i in 0..n_out {
+                        sums.fill(0.0);
+                        let col = bracket.col_as_slice(i);
+                        for block in col.chunks_exact(n_lib * pos_out) {
+                            for (s, b) in sums.iter_mut().zip(block.chunks_exact(pos_out)) {
+                                *s += b.iter().map(|v| v * v).sum::<f64>();
+                            }
+                        }
+                        for (j, s) in sums.iter().enumerate() {
+                            acc.0[(i, j)] += s;
                         }
                     }
                 }

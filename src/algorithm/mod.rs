@@ -11,6 +11,11 @@ pub mod stats;
 
 pub use graph::{Graph, NodeBasis};
 
+/// Numbers per batch in the VJP / JVP passes (the batch's largest tangent or cotangent block):
+/// small enough that a batch's working set stays in cache (~0.25 MB), large enough for
+/// efficient GEMMs. Larger batches are memory-bound (fresh buffers, copies, page faults).
+pub const CHUNK_NUMBERS: usize = 32_768;
+
 use crate::data::Dataset;
 use crate::models::{Model, OUTPUT};
 use anyhow::{bail, Context};
@@ -152,7 +157,7 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     if data.is_empty() {
         bail!("the dataset is empty");
     }
-    if !(cfg.tau >= 0.0) {
+    if cfg.tau.is_nan() || cfg.tau < 0.0 {
         bail!("tau must be >= 0, got {}", cfg.tau);
     }
     let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;

@@ -60,6 +60,18 @@ pub trait Module: Send + Sync {
     fn structure(&self) -> Structure<'_> {
         Structure::General
     }
+    /// Whether the VJP and JVP are one fixed linear map applied to every row (position)
+    /// independently, whatever the forward point: they never read the cache and keep the
+    /// batch's `(n, r, pos)`. The algorithm may then push a few tangents or cotangents through
+    /// once (with any cache) and reuse them for every sample.
+    fn fixed_linear(&self) -> bool {
+        false
+    }
+    /// Whether forward, VJP and JVP all return their input unchanged (a [`Section`] skips
+    /// such modules instead of copying the batch).
+    fn is_identity(&self) -> bool {
+        false
+    }
 }
 
 /// The raw input a model expects.
@@ -126,29 +138,65 @@ pub struct Section<'a> {
 impl Section<'_> {
     pub fn forward(&self, x: &Batch) -> (Batch, Vec<Cache>) {
         let mut caches = Vec::with_capacity(self.modules.len());
-        let mut y = x.clone();
+        let mut y: Option<Batch> = None;
         for m in self.modules {
-            let (next, cache) = m.forward(&y);
+            if m.is_identity() {
+                caches.push(Box::new(()) as Cache);
+                continue;
+            }
+            let (next, cache) = m.forward(y.as_ref().unwrap_or(x));
             caches.push(cache);
-            y = next;
+            y = Some(next);
         }
-        (y, caches)
+        (y.unwrap_or_else(|| x.clone()), caches)
     }
 
     pub fn vjp(&self, caches: &[Cache], dy: &Batch) -> Batch {
-        let mut g = dy.clone();
+        let mut g: Option<Batch> = None;
         for (m, c) in self.modules.iter().zip(caches).rev() {
-            g = m.vjp(c, &g);
+            if !m.is_identity() {
+                g = Some(m.vjp(c, g.as_ref().unwrap_or(dy)));
+            }
         }
-        g
+        g.unwrap_or_else(|| dy.clone())
     }
 
     pub fn jvp(&self, caches: &[Cache], dx: &Batch) -> Batch {
-        let mut t = dx.clone();
+        let mut t: Option<Batch> = None;
         for (m, c) in self.modules.iter().zip(caches) {
-            t = m.jvp(c, &t);
+            if !m.is_identity() {
+                t = Some(m.jvp(c, t.as_ref().unwrap_or(dx)));
+            }
         }
-        t
+        t.unwrap_or_else(|| dx.clone())
+    }
+
+    /// The section split at `k`: modules `..k` and `k..`.
+    pub fn split_at(&self, k: usize) -> (Section<'_>, Section<'_>) {
+        let (a, b) = self.modules.split_at(k);
+        (Section { modules: a }, Section { modules: b })
+    }
+
+    /// Number of leading modules that are [`Module::fixed_linear`] or identities.
+    pub fn fixed_linear_prefix(&self) -> usize {
+        self.modules
+            .iter()
+            .take_while(|m| m.fixed_linear() || m.is_identity())
+            .count()
+    }
+
+    /// Number of trailing modules that are [`Module::fixed_linear`] or identities.
+    pub fn fixed_linear_suffix(&self) -> usize {
+        self.modules
+            .iter()
+            .rev()
+            .take_while(|m| m.fixed_linear() || m.is_identity())
+            .count()
+    }
+
+    /// Placeholder caches for `k` modules that never read theirs ([`Module::fixed_linear`]).
+    pub fn no_caches(k: usize) -> Vec<Cache> {
+        (0..k).map(|_| Box::new(()) as Cache).collect()
     }
 
     pub fn out_pos(&self, in_pos: usize) -> usize {

@@ -293,6 +293,9 @@ impl Module for Add {
     fn jvp(&self, _: &Cache, dx: &Batch) -> Batch {
         self.sum(dx)
     }
+    fn fixed_linear(&self) -> bool {
+        true
+    }
 }
 
 impl Add {
@@ -339,6 +342,12 @@ impl Module for Identity {
     }
     fn jvp(&self, _: &Cache, dx: &Batch) -> Batch {
         dx.clone()
+    }
+    fn fixed_linear(&self) -> bool {
+        true
+    }
+    fn is_identity(&self) -> bool {
+        true
     }
 }
 
@@ -655,6 +664,9 @@ impl Module for Project {
 
     fn jvp(&self, _: &Cache, dx: &Batch) -> Batch {
         self.apply(dx)
+    }
+    fn fixed_linear(&self) -> bool {
+        true
     }
 }
 
