@@ -36,6 +36,9 @@ enum Command {
         /// Leiden resolution.
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
+        /// Model file to use instead of the config's.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Build the LIB (or PCA / neuron) graph a config describes: OUT/graph.safetensors + graph.json.
     Build {

@@ -32,7 +32,7 @@ pub fn build_config(cfg: &RunConfig, source: &str, out: &Path) -> anyhow::Result
     let load_s = t.elapsed().as_secs_f64();
     let mut graph = algorithm::build(&model, data.as_ref(), &cfg.lib)?;
     graph.timings.insert(0, ("load".to_string(), load_s));
-    let mut json = serde_json::to_value(&cfg)?;
+    let mut json = serde_json::to_value(cfg)?;
     json["config_file"] = serde_json::Value::String(source.to_string());
     json["data_description"] = serde_json::Value::String(data.describe());
     graph

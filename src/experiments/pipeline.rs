@@ -18,6 +18,9 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Per row (node layer or edge matrix): a count per basis.
+pub type CountsByBasis<T> = Vec<(String, Vec<(String, T)>)>;
+
 /// What `ibasis run` writes to `summary.json` (and prints).
 #[derive(Serialize)]
 pub struct PipelineSummary {
@@ -25,9 +28,9 @@ pub struct PipelineSummary {
     pub baseline: f64,
     pub metric: String,
     /// Per node layer: fewest features within `delta` of the baseline, per basis.
-    pub features_required: Vec<(String, Vec<(String, Option<usize>)>)>,
+    pub features_required: CountsByBasis<Option<usize>>,
     /// Per edge matrix: fewest edges within `delta`, per basis.
-    pub edges_required: Vec<(String, Vec<(String, usize)>)>,
+    pub edges_required: CountsByBasis<usize>,
     pub n_modules: usize,
     pub modularity_q: f64,
     pub timings: Vec<(String, f64)>,
