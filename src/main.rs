@@ -108,8 +108,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             out,
             delta,
             gamma,
+            model,
         } => {
-            let s = pipeline::run_pipeline(&config, &out, delta, gamma)?;
+            let s = pipeline::run_pipeline(&config, &out, model.as_deref(), delta, gamma)?;
             println!("{}", pipeline::describe(&s));
         }
         Command::Build { config, out, model } => {

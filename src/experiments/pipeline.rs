@@ -41,12 +41,16 @@ pub struct PipelineSummary {
 pub fn run_pipeline(
     config: &Path,
     out: &Path,
+    model: Option<&Path>,
     delta: f64,
     gamma: f64,
 ) -> anyhow::Result<PipelineSummary> {
     let t0 = Instant::now();
     let mut timings = Vec::new();
-    let lib_cfg = RunConfig::load(config)?;
+    let mut lib_cfg = RunConfig::load(config)?;
+    if let Some(m) = model {
+        lib_cfg.set_model_path(m.to_path_buf());
+    }
     let variant = |formula: BasisFormula, center: bool, edges: EdgeFormula| {
         let mut c = lib_cfg.clone();
         c.lib.basis_formula = formula;
