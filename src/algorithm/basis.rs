@@ -272,12 +272,7 @@ pub fn jacobian_metric(
                     |acc, _, range| {
                         let f = activations_at(model, data, from, range);
                         let z = mm(f.data.as_ref(), w1.as_ref());
-                        let dbar = Mat::from_fn(z.nrows(), k, |i, j| {
-                            points
-                                .iter()
-                                .map(|&(a, w)| w * act.derivative(a * z[(i, j)]))
-                                .sum::<f64>()
-                        });
+                        let dbar = act.integrated_derivative(&z, points);
                         gram_add(&mut acc.0, dbar.as_ref(), 1.0);
                         acc.1 += f.rows() as f64;
                     },

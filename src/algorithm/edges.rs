@@ -7,7 +7,7 @@
 
 use super::basis::data_positions;
 use super::pass::{activations_at, fold};
-use super::section::{classify, Shape};
+use super::section::{classify, PartialAct, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Model, Section};
@@ -61,7 +61,9 @@ pub fn edges(
                     &layers[l].name,
                 ))
             }
-            Shape::Dense { w1, act, w2 } => {
+            // The pair statistics cost K(K+1)/2 per input feature and sample, a JVP costs
+            // K * d_out: take the cheaper (a wide MLP beside the residual stream goes by JVP).
+            Shape::Dense { w1, act, w2 } if w1.ncols() < 2 * q.ncols() => {
                 return Ok(dense_edges(
                     model,
                     data,
@@ -77,7 +79,7 @@ pub fn edges(
                     &layers[l].name,
                 ))
             }
-            Shape::General => {}
+            Shape::Dense { .. } | Shape::General => {}
         }
     }
     Ok(jvp_edges(
@@ -149,7 +151,7 @@ fn dense_edges(
     c: &Mat<f64>,
     c_pinv: &Mat<f64>,
     w1: &Mat<f64>,
-    act: crate::models::Activation,
+    act: PartialAct,
     w2: &Mat<f64>,
     q: &Mat<f64>,
     points: &[(f64, f64)],
@@ -171,12 +173,7 @@ fn dense_edges(
             let f = activations_at(model, data, from, range);
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let z = mm(fhat.as_ref(), proj_w1.as_ref());
-            let dbar = Mat::from_fn(z.nrows(), k, |i, j| {
-                points
-                    .iter()
-                    .map(|&(a, w)| w * act.derivative(a * z[(i, j)]))
-                    .sum::<f64>()
-            });
+            let dbar = act.integrated_derivative(&z, points);
             let p = Mat::from_fn(z.nrows(), pairs.len(), |i, m| {
                 dbar[(i, pairs[m].0)] * dbar[(i, pairs[m].1)]
             });

@@ -9,25 +9,58 @@ use faer::Mat;
 pub enum Shape {
     /// `y = x W` at every position.
     Linear(Mat<f64>),
-    /// `y = act(x W1) W2` at every position.
+    /// `y = act(x W1) W2` at every position, `act` acting on the first `act.width` columns of
+    /// `x W1` (the identity on the rest).
     Dense {
         w1: Mat<f64>,
-        act: Activation,
+        act: PartialAct,
         w2: Mat<f64>,
     },
     General,
 }
 
+/// An activation on the first `width` features, the identity on the rest.
+#[derive(Clone, Copy, Debug)]
+pub struct PartialAct {
+    pub act: Activation,
+    pub width: usize,
+}
+
+impl PartialAct {
+    /// `dbar = sum_p w_p act'(a_p z)` per entry of `z` (1 on the identity columns).
+    pub fn integrated_derivative(&self, z: &Mat<f64>, points: &[(f64, f64)]) -> Mat<f64> {
+        let mut d = Mat::<f64>::ones(z.nrows(), z.ncols());
+        for j in 0..self.width.min(z.ncols()) {
+            let (zc, dc) = (z.col_as_slice(j), d.col_as_slice_mut(j));
+            for (dv, &zv) in dc.iter_mut().zip(zc) {
+                *dv = points
+                    .iter()
+                    .map(|&(a, w)| w * self.act.derivative(a * zv))
+                    .sum();
+            }
+        }
+        d
+    }
+}
+
 pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
     let mut pre: Option<Mat<f64>> = None;
-    let mut dense: Option<(Mat<f64>, Activation)> = None;
+    let mut dense: Option<(Mat<f64>, PartialAct)> = None;
     let mut post: Option<Mat<f64>> = None;
     let chain = |acc: Option<Mat<f64>>, w: faer::MatRef<'_, f64>| match acc {
         None => w.to_owned(),
         Some(a) => mm(a.as_ref(), w),
     };
     for m in modules {
-        match m.structure() {
+        if m.is_identity() {
+            continue;
+        }
+        let materialised = m.fixed_linear().then(|| materialise(m.as_ref()));
+        let structure = match &materialised {
+            Some(w) => Structure::Linear(w.as_ref()),
+            None => m.structure(),
+        };
+        match structure {
             Structure::Linear(w) => {
                 if dense.is_none() {
                     pre = Some(chain(pre, w));
@@ -39,7 +72,17 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                 if dense.is_some() {
                     return Shape::General;
                 }
-                dense = Some((chain(pre.take(), w), act));
+                let width = w.ncols();
+                dense = Some((chain(pre.take(), w), PartialAct { act, width }));
+            }
+            Structure::Elementwise { act, width } => {
+                if dense.is_some() {
+                    return Shape::General;
+                }
+                let w = pre
+                    .take()
+                    .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
+                dense = Some((w, PartialAct { act, width }));
             }
             Structure::General => return Shape::General,
         }
@@ -52,4 +95,14 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
         }
         _ => Shape::General,
     }
+}
+
+/// The matrix `W` (`in x out`) of a module whose VJP and JVP are one fixed linear map
+/// ([`Module::fixed_linear`]): row `i` is the JVP of the unit tangent `e_i`.
+fn materialise(m: &dyn Module) -> Mat<f64> {
+    let d = m.in_features();
+    let x = crate::tensor::Batch::zeros(1, 1, 1, d);
+    let (_, cache) = m.forward(&x);
+    let t = crate::tensor::Batch::new(1, d, 1, Mat::identity(d, d));
+    m.jvp(&cache, &t).data
 }

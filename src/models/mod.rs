@@ -36,6 +36,9 @@ pub enum Structure<'a> {
     Linear(MatRef<'a, f64>),
     /// `y = act(x W)` at every position independently.
     Dense { w: MatRef<'a, f64>, act: Activation },
+    /// `y_k = act(x_k)` for the first `width` features, `y_k = x_k` for the rest, at every
+    /// position (an MLP activation carrying the residual stream alongside).
+    Elementwise { act: Activation, width: usize },
     /// Anything else.
     General,
 }

@@ -10,7 +10,7 @@
 //!
 //! Attention (`attn_out`) is in [`super::attention`]. The exact stream layout of every module's output is tabulated in the parent module's docs.
 
-use crate::models::{Activation, Cache, Module};
+use crate::models::{Activation, Cache, Module, Structure};
 use crate::tensor::Batch;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
@@ -725,6 +725,13 @@ impl Module for MlpAct {
             }
         }
         (Batch::new(x.n, x.r, x.pos, y), Box::new(MlpActCache { d }))
+    }
+
+    fn structure(&self) -> Structure<'_> {
+        Structure::Elementwise {
+            act: self.act,
+            width: self.width,
+        }
     }
 
     fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
