@@ -33,6 +33,9 @@ pub struct PipelineSummary {
     pub edges_required: CountsByBasis<usize>,
     pub n_modules: usize,
     pub modularity_q: f64,
+    /// Per node layer: the distinct dominant Fourier frequencies `min(k, p - k)` of its 20 most
+    /// important LIB features (modular arithmetic only), most frequent first.
+    pub frequencies: Vec<(String, Vec<usize>)>,
     pub timings: Vec<(String, f64)>,
     pub report: PathBuf,
 }
@@ -176,6 +179,7 @@ pub fn run_pipeline(
         metric: "accuracy".into(),
         features_required,
         edges_required,
+        frequencies: dominant_frequencies(&graphs[0], fourier.as_deref()),
         n_modules: clusters.n_clusters,
         modularity_q: clusters.q,
         timings,
@@ -186,6 +190,27 @@ pub fn run_pipeline(
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// The key frequencies of each layer: dominant non-zero `k` of the leading features.
+fn dominant_frequencies(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> Vec<(String, Vec<usize>)> {
+    let Some(labels) = labels else { return vec![] };
+    g.layers
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(b, ls)| {
+            let mut count = std::collections::BTreeMap::<usize, usize>::new();
+            for f in ls.iter().take(20).filter(|f| f.constant < 0.5) {
+                if let Some(&(ka, kb, _)) = f.dominant.first() {
+                    *count.entry(ka.max(kb)).or_default() += 1;
+                }
+            }
+            let mut v: Vec<(usize, usize)> = count.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            (b.name.clone(), v.into_iter().map(|(k, _)| k).collect())
+        })
+        .collect()
 }
 
 fn save_ablation(dir: &Path, r: &AblationResult, basis: &str) -> anyhow::Result<()> {
