@@ -119,3 +119,48 @@ fn transformer_mlp_section_is_recognised() {
     );
     assert!(matches!(classify(&m.modules[from..to]), Shape::Linear(_)));
 }
+
+#[test]
+fn layer_norm_variance_is_isolated() {
+    let t = random_transformer(8, 7, 6, 2, 3, 10);
+    let opts = TransformerOptions {
+        normalization: ibasis::models::transformer::Normalization::LnPre,
+        ..Default::default()
+    };
+    let m = transformer_from_tensors(&t, &opts, "random").unwrap();
+    let data = ModularArithmetic::new(7, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+    let mut cfg = LibConfig {
+        node_layers: ["ln1_out.0", "attn_in.0", "ln2.0", "output"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        basis_formula: BasisFormula::Jacobian,
+        center: true,
+        isolate_ln_var: true,
+        tau: 1e-12,
+        integration_rule: integration::Rule::Gradient,
+        n_intervals: 0,
+        rotate_final_node_layer: false,
+        edge_formula: EdgeFormula::Squared,
+        n_stochastic_sources_edges: 1,
+        n_stochastic_sources_pos: None,
+        n_stochastic_sources_hidden: None,
+        batch_size: 10,
+        seed: 0,
+    };
+    let g = build(&m, &data, &cfg).unwrap();
+    let b = &g.layers[0];
+    // Constant direction and variance channel held fixed: V is the identity on both.
+    assert_eq!(b.n_masked, 2);
+    let v = b.v.as_ref().unwrap();
+    assert!((v[(0, 0)] - 1.0).abs() < 1e-15 && (v[(1, 1)] - 1.0).abs() < 1e-15);
+    // The variance direction is the variance coordinate alone (index 0 of the node layer).
+    let w = b.w.as_ref().unwrap();
+    assert!((w[(0, 1)] - 1.0).abs() < 1e-15 && (1..w.nrows() - 1).all(|i| w[(i, 1)] == 0.0));
+    let (c, cp) = (b.c.as_ref().unwrap(), b.c_pinv.as_ref().unwrap());
+    let k = c.ncols();
+    let d: Mat<f64> = cp * c - Mat::<f64>::identity(k, k);
+    assert!(d.norm_max() < 1e-9);
+    cfg.isolate_ln_var = false;
+    assert_eq!(build(&m, &data, &cfg).unwrap().layers[0].n_masked, 1);
+}

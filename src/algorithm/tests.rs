@@ -449,3 +449,94 @@ fn node_layer_validation() {
     assert!(err(&["layers.0"]).contains("at least two"));
     assert_eq!(model.input, InputKind::Features(4));
 }
+
+#[test]
+fn functional_edges_match_brute_force() {
+    // E_ij = -1/N sum_p w_p sum_x fhat_j d/d(a_p fhat)_j sum_t (mh_i(fhat) - mh_i(a_p fhat))^2,
+    // with the derivative by central differences.
+    let w = mlp(12, &[5, 6, 4, 3], Activation::Gelu);
+    let data = inputs(13, 11, 5);
+    let mut cfg = config(
+        &["layers.0", "layers.1", "output"],
+        BasisFormula::Jacobian,
+        true,
+    );
+    cfg.edge_formula = EdgeFormula::Functional;
+    cfg.integration_rule = integration::Rule::GaussLegendre;
+    cfg.n_intervals = 2;
+    let model = w.into_model("m");
+    let g = build(&model, &data, &cfg).unwrap();
+    let (c0, cp0, c1) = (
+        g.layers[0].c.as_ref().unwrap(),
+        g.layers[0].c_pinv.as_ref().unwrap(),
+        g.layers[1].c.as_ref().unwrap(),
+    );
+    let mh = |fhat: &Mat<f64>| {
+        let x = Batch::new(1, 1, 1, mm(fhat.as_ref(), cp0.as_ref()));
+        mm(model.run(x, 0, 1).data.as_ref(), c1.as_ref())
+    };
+    let points = integration::points(integration::Rule::GaussLegendre, 2).unwrap();
+    let (n_out, n_in) = (c1.ncols(), c0.ncols());
+    let mut brute = Mat::<f64>::zeros(n_out, n_in);
+    let h = 1e-6;
+    for x in 0..11 {
+        let fhat = mm(data.x.subrows(x, 1), c0.as_ref());
+        let y = mh(&fhat);
+        for &(a, wt) in &points {
+            for j in 0..n_in {
+                let loss = |delta: f64| {
+                    let mut p = fhat.clone() * faer::Scale(a);
+                    p[(0, j)] += delta;
+                    let yp = mh(&p);
+                    (0..n_out)
+                        .map(|i| (y[(0, i)] - yp[(0, i)]).powi(2))
+                        .collect::<Vec<_>>()
+                };
+                let (lp, lm) = (loss(h), loss(-h));
+                for i in 0..n_out {
+                    brute[(i, j)] -= wt * fhat[(0, j)] * (lp[i] - lm[i]) / (2.0 * h) / 11.0;
+                }
+            }
+        }
+    }
+    assert!(
+        rel_err(&g.edges[0], &brute) < 1e-6,
+        "{}",
+        rel_err(&g.edges[0], &brute)
+    );
+}
+
+#[test]
+fn rotated_final_layer_uses_centred_pca() {
+    let w = mlp(14, &[5, 6, 4], Activation::Relu);
+    let data = inputs(15, 30, 5);
+    let mut cfg = config(
+        &["layers.0", "layers.1", "output"],
+        BasisFormula::Jacobian,
+        true,
+    );
+    cfg.rotate_final_node_layer = true;
+    let g = build(&w.into_model("m"), &data, &cfg).unwrap();
+    let out = &g.layers[2];
+    let c = out.c.as_ref().expect("rotated output has a basis");
+    // Unscaled orthonormal directions of the output covariance, variances descending.
+    let k = c.ncols();
+    assert!(
+        max_abs_diff(
+            mm(c.transpose(), c.as_ref()).as_ref(),
+            Mat::<f64>::identity(k, k).as_ref()
+        ) < 1e-12
+    );
+    assert!(out.lambda.windows(2).all(|p| p[0] >= p[1]));
+    let unrotated = build(
+        &w.into_model("m"),
+        &data,
+        &config(
+            &["layers.0", "layers.1", "output"],
+            BasisFormula::Jacobian,
+            true,
+        ),
+    )
+    .unwrap();
+    assert!(unrotated.layers[2].c.is_none());
+}

@@ -193,7 +193,10 @@ pub fn run_pipeline(
 }
 
 /// The key frequencies of each layer: dominant non-zero `k` of the leading features.
-fn dominant_frequencies(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> Vec<(String, Vec<usize>)> {
+fn dominant_frequencies(
+    g: &Graph,
+    labels: Option<&[Vec<FourierLabel>]>,
+) -> Vec<(String, Vec<usize>)> {
     let Some(labels) = labels else { return vec![] };
     g.layers
         .iter()
