@@ -4,41 +4,10 @@
 mod common;
 use common::*;
 use faer::Mat;
-use ibasis::algorithm::{build, integration, BasisFormula, EdgeFormula, LibConfig};
+use ibasis::algorithm::{build, integration, BasisFormula, LibConfig};
 use ibasis::data::modadd::{ModOp, ModularArithmetic, Split};
 use ibasis::models::transformer::{transformer_from_tensors, TransformerOptions};
-use ibasis::models::{Cache, Model, Module, Structure};
-use ibasis::tensor::Batch;
-
-/// Hides a module's structure so the general path is taken.
-struct Opaque(Box<dyn Module>);
-
-impl Module for Opaque {
-    fn id(&self) -> &str {
-        self.0.id()
-    }
-    fn in_features(&self) -> usize {
-        self.0.in_features()
-    }
-    fn out_features(&self) -> usize {
-        self.0.out_features()
-    }
-    fn out_pos(&self, p: usize) -> usize {
-        self.0.out_pos(p)
-    }
-    fn forward(&self, x: &Batch) -> (Batch, Cache) {
-        self.0.forward(x)
-    }
-    fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
-        self.0.vjp(c, dy)
-    }
-    fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
-        self.0.jvp(c, dx)
-    }
-    fn structure(&self) -> Structure<'_> {
-        Structure::General
-    }
-}
+use ibasis::models::Model;
 
 fn model(opaque: bool) -> Model {
     let t = random_transformer(5, 7, 6, 2, 3, 10);
@@ -46,15 +15,12 @@ fn model(opaque: bool) -> Model {
         last_pos_module_type: Some("add_resid1".into()),
         ..Default::default()
     };
-    let mut m = transformer_from_tensors(&t, &opts, "random").unwrap();
+    let m = transformer_from_tensors(&t, &opts, "random").unwrap();
     if opaque {
-        m.modules = m
-            .modules
-            .into_iter()
-            .map(|m| Box::new(Opaque(m)) as Box<dyn Module>)
-            .collect();
+        m.opaque()
+    } else {
+        m
     }
-    m
 }
 
 #[test]
@@ -71,17 +37,11 @@ fn mlp_beside_residual_matches_general_path() {
                 .collect(),
             basis_formula: BasisFormula::Jacobian,
             center: true,
-            isolate_ln_var: true,
             tau: 1e-12,
             integration_rule: rule,
             n_intervals: n,
-            rotate_final_node_layer: false,
-            edge_formula: EdgeFormula::Squared,
-            n_stochastic_sources_edges: 1,
-            n_stochastic_sources_pos: None,
-            n_stochastic_sources_hidden: None,
             batch_size: 10,
-            seed: 0,
+            ..Default::default()
         };
         let fast = build(&model(false), &data, &cfg).unwrap();
         let slow = build(&model(true), &data, &cfg).unwrap();
@@ -136,17 +96,9 @@ fn layer_norm_variance_is_isolated() {
             .collect(),
         basis_formula: BasisFormula::Jacobian,
         center: true,
-        isolate_ln_var: true,
         tau: 1e-12,
-        integration_rule: integration::Rule::Gradient,
-        n_intervals: 0,
-        rotate_final_node_layer: false,
-        edge_formula: EdgeFormula::Squared,
-        n_stochastic_sources_edges: 1,
-        n_stochastic_sources_pos: None,
-        n_stochastic_sources_hidden: None,
         batch_size: 10,
-        seed: 0,
+        ..Default::default()
     };
     let g = build(&m, &data, &cfg).unwrap();
     let b = &g.layers[0];

@@ -13,17 +13,9 @@ fn cfg(layers: &[&str]) -> LibConfig {
         node_layers: layers.iter().map(|s| s.to_string()).collect(),
         basis_formula: BasisFormula::Jacobian,
         center: true,
-        isolate_ln_var: true,
         tau: 1e-12,
-        integration_rule: integration::Rule::Gradient,
-        n_intervals: 0,
-        rotate_final_node_layer: false,
-        edge_formula: EdgeFormula::Squared,
-        n_stochastic_sources_edges: 1,
-        n_stochastic_sources_pos: None,
-        n_stochastic_sources_hidden: None,
         batch_size: 16,
-        seed: 0,
+        ..Default::default()
     }
 }
 

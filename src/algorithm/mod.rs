@@ -93,6 +93,13 @@ pub struct LibConfig {
     pub seed: u64,
 }
 
+impl Default for LibConfig {
+    /// method.md's defaults with no node layers: tests and library users fill in `node_layers`.
+    fn default() -> Self {
+        toml::from_str("node_layers = []").expect("defaults parse")
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::models::mlp::{Dense, MlpWeights};
-use crate::models::{Activation, Cache, InputKind, Module, Structure};
+use crate::models::{Activation, InputKind, Module};
 use crate::tensor::linalg::{max_abs_diff, mm};
 use crate::tensor::Batch;
 use faer::Mat;
@@ -30,33 +30,6 @@ impl Dataset for Fixed {
     }
     fn describe(&self) -> String {
         "fixed".into()
-    }
-}
-
-/// Hides a module's structure so the general VJP/JVP path is taken.
-struct Opaque(Box<dyn Module>);
-
-impl Module for Opaque {
-    fn id(&self) -> &str {
-        self.0.id()
-    }
-    fn in_features(&self) -> usize {
-        self.0.in_features()
-    }
-    fn out_features(&self) -> usize {
-        self.0.out_features()
-    }
-    fn forward(&self, x: &Batch) -> (Batch, Cache) {
-        self.0.forward(x)
-    }
-    fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
-        self.0.vjp(c, dy)
-    }
-    fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
-        self.0.jvp(c, dx)
-    }
-    fn structure(&self) -> Structure<'_> {
-        Structure::General
     }
 }
 
@@ -98,15 +71,7 @@ fn inputs(seed: u64, n: usize, d: usize) -> Fixed {
 }
 
 fn opaque(model: Model) -> Model {
-    Model {
-        name: model.name,
-        input: model.input,
-        modules: model
-            .modules
-            .into_iter()
-            .map(|m| Box::new(Opaque(m)) as Box<dyn Module>)
-            .collect(),
-    }
+    model.opaque()
 }
 
 fn config(layers: &[&str], formula: BasisFormula, center: bool) -> LibConfig {
@@ -114,17 +79,9 @@ fn config(layers: &[&str], formula: BasisFormula, center: bool) -> LibConfig {
         node_layers: layers.iter().map(|s| s.to_string()).collect(),
         basis_formula: formula,
         center,
-        isolate_ln_var: true,
         tau: 1e-12,
-        integration_rule: integration::Rule::Gradient,
-        n_intervals: 0,
-        rotate_final_node_layer: false,
-        edge_formula: EdgeFormula::Squared,
-        n_stochastic_sources_edges: 1,
-        n_stochastic_sources_pos: None,
-        n_stochastic_sources_hidden: None,
         batch_size: 7,
-        seed: 0,
+        ..Default::default()
     }
 }
 

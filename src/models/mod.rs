@@ -77,6 +77,50 @@ pub trait Module: Send + Sync {
     }
 }
 
+/// Wraps a module and hides its [`Structure`] (and its fixed-linear and identity flags), so
+/// that the algorithm takes the general VJP / JVP path: a reference for checking the
+/// closed-form shortcuts of method.md section 11 against.
+pub struct Opaque(pub Box<dyn Module>);
+
+impl Module for Opaque {
+    fn id(&self) -> &str {
+        self.0.id()
+    }
+    fn in_features(&self) -> usize {
+        self.0.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.0.out_features()
+    }
+    fn out_pos(&self, in_pos: usize) -> usize {
+        self.0.out_pos(in_pos)
+    }
+    fn forward(&self, x: &Batch) -> (Batch, Cache) {
+        self.0.forward(x)
+    }
+    fn vjp(&self, cache: &Cache, dy: &Batch) -> Batch {
+        self.0.vjp(cache, dy)
+    }
+    fn jvp(&self, cache: &Cache, dx: &Batch) -> Batch {
+        self.0.jvp(cache, dx)
+    }
+}
+
+impl Model {
+    /// The same model with every module [`Opaque`].
+    pub fn opaque(self) -> Model {
+        Model {
+            name: self.name,
+            input: self.input,
+            modules: self
+                .modules
+                .into_iter()
+                .map(|m| Box::new(Opaque(m)) as Box<dyn Module>)
+                .collect(),
+        }
+    }
+}
+
 /// The raw input a model expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputKind {
