@@ -67,7 +67,18 @@ const JOBS: &[Job] = &[
         reference: "-",
     },
     Job {
-        name: "shipped modular addition, whole pipeline (`ibasis run`)",
+        name: "modular addition seed 0, whole pipeline (`ibasis run`)",
+        args: &[
+            "run",
+            "configs/published-modadd-lib.toml",
+            "--out",
+            "out/bench/pipeline-seed0",
+        ],
+        needs: &["../shared/reference/modadd/seed0/model_epoch_60000.pt"],
+        reference: "-",
+    },
+    Job {
+        name: "shipped modular addition, whole pipeline (README main job)",
         args: &[
             "run",
             "configs/modadd-lib.toml",
