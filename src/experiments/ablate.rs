@@ -165,6 +165,21 @@ pub fn bisect(mut lo: usize, mut hi: usize, mut ok: impl FnMut(usize) -> bool) -
     hi
 }
 
+/// Smallest `n` in `0..=total` with `ok(n)` (monotone, `ok(total)`), probing `0, 1, 2, 4, ...`
+/// first: the answer is usually a small fraction of `total`, and an evaluation with few kept
+/// edges is cheap (output features with equal masks share one forward pass).
+pub fn gallop_bisect(total: usize, mut ok: impl FnMut(usize) -> bool) -> usize {
+    if ok(0) {
+        return 0;
+    }
+    let mut hi = 1;
+    while hi < total && !ok(hi) {
+        hi *= 2;
+    }
+    let hi = hi.min(total);
+    bisect(hi / 2 + 1, hi, ok)
+}
+
 /// Whether `score` is within `delta` of `baseline` in the metric's good direction.
 fn within(metric: Metric, score: f64, baseline: f64, delta: f64) -> bool {
     match metric {
@@ -412,7 +427,7 @@ pub fn edge_ablation(
             Schedule::Bisect => {
                 let mut memo = HashMap::new();
                 let pb = progress(64, &format!("bisecting edges {key}"));
-                let n = bisect(0, ranked.len(), |k| {
+                let n = gallop_bisect(ranked.len(), |k| {
                     pb.inc(1);
                     let v = *memo.entry(k).or_insert_with(|| eval(k));
                     within(s.metric, v, baseline, s.delta)
@@ -486,4 +501,29 @@ pub fn strip_extras(mut v: serde_json::Value) -> serde_json::Value {
         o.remove("data_description");
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn searches_find_the_threshold() {
+        for total in [1, 2, 7, 100, 12650] {
+            for answer in [0, 1, 3, total / 2, total - 1, total] {
+                let answer = answer.min(total);
+                let mut calls = 0;
+                assert_eq!(bisect(0, total, |n| n >= answer), answer);
+                assert_eq!(
+                    gallop_bisect(total, |n| {
+                        calls += 1;
+                        n >= answer
+                    }),
+                    answer,
+                    "total {total}"
+                );
+                assert!(calls <= 2 * (usize::BITS - total.leading_zeros()) as usize + 2);
+            }
+        }
+    }
 }
