@@ -13,7 +13,9 @@ use super::stats::Moments;
 use super::{BasisFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Model, Section, OUTPUT};
-use crate::tensor::linalg::{eigh_abs_desc, eigh_masked, gram_add, mm, mm_tn, select_cols};
+use crate::tensor::linalg::{
+    eigh_abs_desc, eigh_masked, fill_upper, gram_add_lower, mm, mm_tn, select_cols,
+};
 use crate::tensor::Batch;
 use anyhow::bail;
 use faer::Mat;
@@ -264,7 +266,7 @@ pub fn jacobian_metric(
                 // M' = W1 ((Q' Q'^T) o E[dbar dbar^T]) W1^T with Q' = W2 Q and
                 // dbar = sum_p w_p act'(a_p f W1).
                 let k = w1.ncols();
-                let dd = fold(
+                let mut dd = fold(
                     data,
                     cfg.batch_size,
                     &format!("metric {}", layers[l].name),
@@ -273,13 +275,14 @@ pub fn jacobian_metric(
                         let f = activations_at(model, data, from, range);
                         let z = mm(f.data.as_ref(), w1.as_ref());
                         let dbar = act.integrated_derivative(&z, points);
-                        gram_add(&mut acc.0, dbar.as_ref(), 1.0);
+                        gram_add_lower(&mut acc.0, dbar.as_ref(), 1.0);
                         acc.1 += f.rows() as f64;
                     },
                     |a, b| (a.0 + b.0, a.1 + b.1),
                 );
                 let qp = mm(w2.as_ref(), q.as_ref());
                 let qq = mm(qp.as_ref(), qp.transpose());
+                fill_upper(&mut dd.0);
                 let inner = Mat::from_fn(k, k, |i, j| qq[(i, j)] * dd.0[(i, j)] / dd.1);
                 return Ok(Metric {
                     m: mm(mm(w1.as_ref(), inner.as_ref()).as_ref(), w1.transpose()),
@@ -350,7 +353,7 @@ fn vjp_metric(
         let one = cotangents(&qt, 1, pos_out, None, None, &mut rng);
         tail.vjp(&Section::no_caches(tail.modules.len()), &one)
     });
-    let (m, lp, count) = fold(
+    let (mut m, lp, count) = fold(
         data,
         batch,
         &label,
@@ -403,7 +406,7 @@ fn vjp_metric(
                 let gp = section.vjp(&caches, &cot);
                 g += faer::Scale(w) * &gp.data;
             }
-            gram_add(&mut acc.0, g.as_ref(), 1.0);
+            gram_add_lower(&mut acc.0, g.as_ref(), 1.0);
             if legacy {
                 acc.1 += mm_tn(g.as_ref(), f.data.as_ref());
             }
@@ -411,6 +414,7 @@ fn vjp_metric(
         },
         |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2),
     );
+    fill_upper(&mut m);
     let scale = count * n_pos.unwrap_or(1) as f64 * n_hidden.unwrap_or(1) as f64;
     Ok(Metric {
         m: m * faer::Scale(1.0 / scale),

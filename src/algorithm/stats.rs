@@ -2,7 +2,7 @@
 //! matrix `E[f^T f]` (or its centred version), averaged over samples and positions, accumulated
 //! in f64 over batches so memory never grows with the dataset.
 
-use crate::tensor::linalg::gram_add;
+use crate::tensor::linalg::{fill_upper, gram_add_lower};
 use faer::{Mat, MatRef};
 
 /// Sums of a node layer's rows, shifted by a fixed reference point `k` (the first batch's mean,
@@ -47,7 +47,8 @@ impl Moments {
         for j in 0..g.ncols() {
             self.sum[j] += g.col(j).iter().sum::<f64>();
         }
-        gram_add(&mut self.outer, g.as_ref(), 1.0);
+        // Lower triangle only; `gram` mirrors it.
+        gram_add_lower(&mut self.outer, g.as_ref(), 1.0);
         self.rows += f.nrows() as f64;
     }
 
@@ -73,6 +74,8 @@ impl Moments {
     /// bias coordinate set to 0 (the bias coordinate stays 1).
     pub fn gram(&self, center: bool) -> Mat<f64> {
         let d = self.shift.len();
+        let mut outer = self.outer.clone();
+        fill_upper(&mut outer);
         let eg: Vec<f64> = self.sum.iter().map(|s| s / self.rows).collect();
         // f - c = g - delta with g = f - shift: E[(g - delta)^T (g - delta)].
         let delta: Vec<f64> = if center {
@@ -85,8 +88,7 @@ impl Moments {
             self.shift.iter().map(|k| -k).collect()
         };
         Mat::from_fn(d, d, |i, j| {
-            self.outer[(i, j)] / self.rows - eg[i] * delta[j] - delta[i] * eg[j]
-                + delta[i] * delta[j]
+            outer[(i, j)] / self.rows - eg[i] * delta[j] - delta[i] * eg[j] + delta[i] * delta[j]
         })
     }
 }

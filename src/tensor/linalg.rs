@@ -15,9 +15,36 @@ pub fn mm_tn(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     mm(a.transpose(), b)
 }
 
+/// `acc += alpha * x^T x` on the lower triangle (diagonal included) only: half the FLOPs of a
+/// full product. Accumulate with this, then [`fill_upper`] once at the end.
+pub fn gram_add_lower(acc: &mut Mat<f64>, x: MatRef<'_, f64>, alpha: f64) {
+    use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    matmul(
+        acc,
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        alpha,
+        Par::Seq,
+    );
+}
+
+/// Mirrors the lower triangle of a square matrix into its upper triangle.
+pub fn fill_upper(m: &mut Mat<f64>) {
+    for j in 0..m.ncols() {
+        for i in 0..j {
+            m[(i, j)] = m[(j, i)];
+        }
+    }
+}
+
 /// `acc += alpha * x^T x`.
 pub fn gram_add(acc: &mut Mat<f64>, x: MatRef<'_, f64>, alpha: f64) {
-    faer::linalg::matmul::matmul(acc, Accum::Add, x.transpose(), x, alpha, Par::Seq);
+    gram_add_lower(acc, x, alpha);
+    fill_upper(acc);
 }
 
 /// Symmetric eigendecomposition of `m` (only its lower triangle is read after symmetrising):
@@ -92,4 +119,18 @@ pub fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gram_matches_the_plain_product() {
+        let x = Mat::from_fn(37, 9, |i, j| ((i * 7 + j * 3) % 11) as f64 - 4.5);
+        let mut acc = Mat::from_fn(9, 9, |i, j| (i + j) as f64);
+        let want = &acc + mm_tn(x.as_ref(), x.as_ref()) * faer::Scale(0.5);
+        gram_add(&mut acc, x.as_ref(), 0.5);
+        assert!(max_abs_diff(acc.as_ref(), want.as_ref()) < 1e-12);
+    }
 }
