@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The repository root (tests run from it; configs use paths relative to it).
 pub fn root() -> PathBuf {
@@ -31,10 +31,6 @@ pub fn tmp(name: &str) -> PathBuf {
 
 pub fn chdir_root() {
     std::env::set_current_dir(root()).expect("chdir to the repository root");
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
 
 /// Random TransformerLens-named weights for a small one-layer model (vocab `p + 1`).
