@@ -627,6 +627,10 @@ pub fn describe(s: &PipelineSummary) -> String {
         let v: Vec<String> = per.iter().map(|(_, n)| n.to_string()).collect();
         out += &format!("  {m:<18} {}\n", v.join(" / "));
     }
+    for (layer, ks) in &s.frequencies {
+        let ks: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
+        out += &format!("key Fourier frequencies at {layer}: {}\n", ks.join(", "));
+    }
     out += &format!(
         "Leiden: {} modules, Q = {:.4}\n",
         s.n_modules, s.modularity_q
