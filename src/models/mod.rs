@@ -249,10 +249,6 @@ impl Section<'_> {
     pub fn out_pos(&self, in_pos: usize) -> usize {
         self.modules.iter().fold(in_pos, |p, m| m.out_pos(p))
     }
-
-    pub fn out_features(&self) -> Option<usize> {
-        self.modules.last().map(|m| m.out_features())
-    }
 }
 
 /// Repeats each cached per-position row of `a` (rows `(sample, position)`) for the `r`

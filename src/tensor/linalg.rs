@@ -104,11 +104,6 @@ pub fn select_cols(m: MatRef<'_, f64>, cols: &[usize]) -> Mat<f64> {
     Mat::from_fn(m.nrows(), cols.len(), |i, j| m[(i, cols[j])])
 }
 
-/// Rows `rows` of `m`, in that order.
-pub fn select_rows(m: MatRef<'_, f64>, rows: &[usize]) -> Mat<f64> {
-    Mat::from_fn(rows.len(), m.ncols(), |i, j| m[(rows[i], j)])
-}
-
 /// Largest absolute entry of `a - b`.
 pub fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
     assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
