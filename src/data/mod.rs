@@ -2,8 +2,11 @@
 //! [`crate::models::InputKind`]) plus a class label per sample, read at the last position.
 
 pub mod cifar;
+pub mod gguf_tokenizer;
 pub mod mnist;
 pub mod modadd;
+pub mod text;
+pub mod tokenizer;
 
 use crate::tensor::Batch;
 use std::ops::Range;

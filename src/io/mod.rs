@@ -1,5 +1,6 @@
 //! File formats: PyTorch checkpoints, safetensors weights and results, atomic writes.
 
+pub mod gguf;
 pub mod pt;
 pub mod weights;
 

@@ -38,6 +38,7 @@
 //! `embed` and `pos_embed` cannot be node layers ([`check_node_layer`]).
 
 pub mod attention;
+pub mod hf;
 pub mod modules;
 
 #[cfg(test)]
