@@ -11,7 +11,7 @@ use super::section::{classify, PartialAct, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Model, Section};
-use crate::tensor::linalg::mm;
+use crate::tensor::linalg::{gemm, mm};
 use crate::tensor::Batch;
 use faer::Mat;
 use rand::{Rng, SeedableRng};
@@ -187,14 +187,7 @@ fn dense_edges(
             for j in 0..n_lib {
                 f2.col_as_slice_mut(j).iter_mut().for_each(|v| *v *= *v);
             }
-            faer::linalg::matmul::matmul(
-                &mut acc.0,
-                faer::Accum::Add,
-                f2.transpose(),
-                &p,
-                1.0,
-                faer::Par::Seq,
-            );
+            gemm(acc.0.as_mut(), faer::Accum::Add, f2.transpose(), p.as_ref());
             acc.1 += f.rows() as f64;
         },
         |a, b| (a.0 + b.0, a.1 + b.1),

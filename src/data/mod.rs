@@ -1,5 +1,6 @@
 //! Datasets: each yields model inputs as [`Batch`]es (in the model's input format, see
-//! [`crate::models::InputKind`]) plus a class label per sample, read at the last position.
+//! [`crate::models::InputKind`]) plus a class label per sample, read at the last position, or,
+//! for text, next-token targets read off the inputs.
 
 pub mod cifar;
 pub mod gguf_tokenizer;
@@ -23,4 +24,9 @@ pub trait Dataset: Send + Sync {
     fn labels(&self, range: Range<usize>) -> Vec<usize>;
     /// Short description for logs and `graph.json`.
     fn describe(&self) -> String;
+    /// Language modelling: the targets are the inputs themselves, position `t` predicting the
+    /// token at `t + 1`, instead of [`Dataset::labels`].
+    fn next_token_targets(&self) -> bool {
+        false
+    }
 }

@@ -2,7 +2,7 @@
 //! (edge ablation) of a basis the model needs to keep its accuracy or loss.
 
 use super::config::{load_data, load_model, RunConfig};
-use super::eval::{score_logits, Score};
+use super::eval::{score_logits, Score, Targets};
 use crate::algorithm::pass::{chunks, progress};
 use crate::algorithm::{Graph, NodeBasis};
 use crate::data::modadd::Split;
@@ -197,14 +197,17 @@ fn pick(metric: Metric, s: Score) -> f64 {
 
 /// Activations at one node layer for the whole evaluation set, in batches, with labels.
 struct Cached {
-    batches: Vec<(Batch, Vec<usize>)>,
+    batches: Vec<(Batch, Targets)>,
 }
 
 impl Cached {
     fn new(model: &Model, data: &dyn Dataset, index: usize, batch: usize) -> Self {
-        let batches = chunks(data.len(), batch)
+        let batches = chunks(data.len(), super::eval::eval_batch(model, data, batch))
             .into_par_iter()
-            .map(|r| (model.run(data.inputs(r.clone()), 0, index), data.labels(r)))
+            .map(|r| {
+                let targets = Targets::of(data, r.clone());
+                (model.run(data.inputs(r), 0, index), targets)
+            })
             .collect();
         Self { batches }
     }
@@ -215,10 +218,9 @@ impl Cached {
         let (c, l, n) = self
             .batches
             .par_iter()
-            .map(|(f, labels)| {
+            .map(|(f, targets)| {
                 let y = model.run(map(f), index, end);
-                let (c, l) = score_logits(&y, labels);
-                (c, l, labels.len() as f64)
+                score_logits(&y, targets)
             })
             .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
         Score {

@@ -265,6 +265,9 @@ impl Dataset for Take {
     fn describe(&self) -> String {
         format!("{} (first {})", self.inner.describe(), self.n)
     }
+    fn next_token_targets(&self) -> bool {
+        self.inner.next_token_targets()
+    }
 }
 
 fn limit(d: Box<dyn Dataset>, n: Option<usize>) -> Box<dyn Dataset> {

@@ -1,12 +1,32 @@
 //! Dense linear algebra on faer, f64: products, Gram accumulation and the symmetric
 //! eigendecompositions of method.md section 2 (|eigenvalue| descending, eigenvectors as columns).
 
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Floating-point operations of the matrix products so far (all threads): `ibasis plan` reads
+/// it around a pilot run. One relaxed atomic add per product, nothing per element.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Matrix-product FLOPs counted so far (`2 m n k` per product, `m (m + 1) k` per lower Gram).
+pub fn flops() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
+
+fn count(f: usize) {
+    FLOPS.fetch_add(f as u64, Ordering::Relaxed);
+}
+
+/// `dst (+)= a b` on the calling thread (callers parallelise over batches), counted.
+pub fn gemm(dst: MatMut<'_, f64>, accum: Accum, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
+    count(2 * a.nrows() * a.ncols() * b.ncols());
+    faer::linalg::matmul::matmul(dst, accum, a, b, 1.0, Par::Seq);
+}
 
 /// `a b`.
 pub fn mm(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
-    faer::linalg::matmul::matmul(&mut out, Accum::Replace, a, b, 1.0, Par::Seq);
+    gemm(out.as_mut(), Accum::Replace, a, b);
     out
 }
 
@@ -19,6 +39,7 @@ pub fn mm_tn(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
 /// full product. Accumulate with this, then [`fill_upper`] once at the end.
 pub fn gram_add_lower(acc: &mut Mat<f64>, x: MatRef<'_, f64>, alpha: f64) {
     use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    count(x.ncols() * (x.ncols() + 1) * x.nrows());
     matmul(
         acc,
         BlockStructure::TriangularLower,
