@@ -1,7 +1,7 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
-use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, train};
+use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, plan, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,6 +45,13 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Model file to use instead of the config's.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Estimate a build's FLOPs, peak memory and time from a pilot run on a few samples.
+    Plan {
+        config: PathBuf,
         /// Model file to use instead of the config's.
         #[arg(long)]
         model: Option<PathBuf>,
@@ -121,6 +128,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                     &graph,
                     &format!("{} -> {}", config.display(), out.display())
                 )
+            );
+        }
+        Command::Plan { config, model } => {
+            let p = plan::run_plan(&config, model.as_deref())?;
+            print!(
+                "{}",
+                plan::describe(&p, &format!("plan for {}", config.display()))
             );
         }
         Command::Train { config, out } => {

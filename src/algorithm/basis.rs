@@ -295,6 +295,42 @@ pub fn jacobian_metric(
     vjp_metric(model, data, cfg, layers, l, q, points, formula)
 }
 
+/// How [`jacobian_metric`] computes `M'` for `layers[l]` when the next layer keeps `n_lib`
+/// directions (for `ibasis plan`).
+pub fn metric_path(
+    model: &Model,
+    data: &dyn Dataset,
+    cfg: &LibConfig,
+    layers: &[NodeLayer],
+    l: usize,
+    n_lib: usize,
+) -> String {
+    let (from, to) = (layers[l].index, layers[l + 1].index);
+    let stochastic =
+        cfg.n_stochastic_sources_pos.is_some() || cfg.n_stochastic_sources_hidden.is_some();
+    if cfg.basis_formula == BasisFormula::Jacobian && !stochastic {
+        match classify(&model.modules[from..to]) {
+            Shape::Linear(_) => return "closed form, linear section (no data)".into(),
+            Shape::Dense { .. } => return "closed form, E[d d^T] of act(x W1) W2".into(),
+            Shape::General => {}
+        }
+    }
+    let pos_out = model
+        .section(from, to)
+        .out_pos(data_positions(model, data, from));
+    let r = match (
+        cfg.n_stochastic_sources_pos,
+        cfg.n_stochastic_sources_hidden,
+    ) {
+        _ if cfg.basis_formula != BasisFormula::Jacobian => 1,
+        (None, None) => pos_out * n_lib,
+        (Some(p), None) => p * n_lib,
+        (None, Some(h)) => h * pos_out,
+        (Some(p), Some(h)) => p * h,
+    };
+    format!("VJP, {r} cotangents per sample")
+}
+
 /// The general path: batched VJPs through the section, one cotangent per output direction
 /// (or per sign vector with stochastic sources, method.md section 7), summed over the
 /// integration points, then the Gram matrix of the pulled-back rows.

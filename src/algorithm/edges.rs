@@ -89,6 +89,32 @@ pub fn edges(
     ))
 }
 
+/// How [`edges`] computes the edges `layers[l] -> layers[l + 1]` with `n_in` and `n_out`
+/// directions kept (for `ibasis plan`).
+pub fn edge_path(
+    model: &Model,
+    cfg: &LibConfig,
+    layers: &[NodeLayer],
+    l: usize,
+    n_in: usize,
+    n_out: usize,
+) -> String {
+    let (from, to) = (layers[l].index, layers[l + 1].index);
+    if matches!(
+        cfg.edge_formula,
+        EdgeFormula::Squared | EdgeFormula::Stochastic
+    ) {
+        match classify(&model.modules[from..to]) {
+            Shape::Linear(_) => return "closed form, linear section".into(),
+            Shape::Dense { w1, .. } if w1.ncols() < 4 * n_out => {
+                return "closed form, pair statistics".into()
+            }
+            _ => {}
+        }
+    }
+    format!("JVP, {n_in} tangents per sample")
+}
+
 /// Sum over rows of `fhat^2`, per feature, and the row count.
 fn feature_power(
     model: &Model,

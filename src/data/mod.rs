@@ -11,6 +11,7 @@ pub mod tokenizer;
 
 use crate::tensor::Batch;
 use std::ops::Range;
+use std::sync::Arc;
 
 pub trait Dataset: Send + Sync {
     /// Number of samples.
@@ -28,5 +29,36 @@ pub trait Dataset: Send + Sync {
     /// token at `t + 1`, instead of [`Dataset::labels`].
     fn next_token_targets(&self) -> bool {
         false
+    }
+}
+
+/// The first `n` samples of a shared dataset (a pilot, or a `n_samples` limit).
+pub struct First {
+    inner: Arc<dyn Dataset>,
+    n: usize,
+}
+
+impl First {
+    pub fn new(inner: Arc<dyn Dataset>, n: usize) -> Self {
+        let n = n.min(inner.len());
+        Self { inner, n }
+    }
+}
+
+impl Dataset for First {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn inputs(&self, range: Range<usize>) -> Batch {
+        self.inner.inputs(range)
+    }
+    fn labels(&self, range: Range<usize>) -> Vec<usize> {
+        self.inner.labels(range)
+    }
+    fn describe(&self) -> String {
+        format!("{} (first {})", self.inner.describe(), self.n)
+    }
+    fn next_token_targets(&self) -> bool {
+        self.inner.next_token_targets()
     }
 }

@@ -302,6 +302,11 @@ impl Dataset for TextDataset {
             .collect()
     }
 
+    /// Position `t` predicts the token at `t + 1` (read from the inputs).
+    fn next_token_targets(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         let o = &self.opts;
         let split = match o.split {

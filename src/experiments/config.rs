@@ -246,33 +246,10 @@ pub fn load_data(cfg: &DataConfig) -> anyhow::Result<Box<dyn Dataset>> {
     })
 }
 
-/// The first `n` samples of a dataset.
-struct Take {
-    inner: Box<dyn Dataset>,
-    n: usize,
-}
-
-impl Dataset for Take {
-    fn len(&self) -> usize {
-        self.n
-    }
-    fn inputs(&self, range: std::ops::Range<usize>) -> crate::tensor::Batch {
-        self.inner.inputs(range)
-    }
-    fn labels(&self, range: std::ops::Range<usize>) -> Vec<usize> {
-        self.inner.labels(range)
-    }
-    fn describe(&self) -> String {
-        format!("{} (first {})", self.inner.describe(), self.n)
-    }
-    fn next_token_targets(&self) -> bool {
-        self.inner.next_token_targets()
-    }
-}
-
-fn limit(d: Box<dyn Dataset>, n: Option<usize>) -> Box<dyn Dataset> {
+/// The first `n` samples of `d` (all of them when `n` is `None` or too large).
+pub fn limit(d: Box<dyn Dataset>, n: Option<usize>) -> Box<dyn Dataset> {
     match n {
-        Some(n) if n < d.len() => Box::new(Take { inner: d, n }),
+        Some(n) if n < d.len() => Box::new(crate::data::First::new(d.into(), n)),
         _ => d,
     }
 }

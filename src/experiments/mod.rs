@@ -10,5 +10,6 @@ pub mod figures;
 pub mod fourier;
 pub mod modularity;
 pub mod pipeline;
+pub mod plan;
 pub mod report;
 pub mod train;

@@ -1,0 +1,328 @@
+//! `ibasis plan`: what a build will cost before running it: matrix-product FLOPs, peak memory
+//! and expected wall time, per step.
+//!
+//! Counting FLOPs analytically for every module (attention, layer norms, gated MLPs, closed
+//! forms) would duplicate each code path in a cost model that drifts from the code. Instead the
+//! plan runs the build's own passes on a **pilot**: the first `n_pilot` samples, with random
+//! stand-in bases of the dimensions the full run will have (full rank, the worst case: LIB keeps
+//! at most `min(d, N P)` directions). Every pass streams over samples in batches whose size
+//! does not depend on the dataset size, so time and FLOPs scale linearly with the number of
+//! samples and peak memory not at all; the fixed costs (eigendecompositions) are timed on
+//! matrices of the full size.
+
+use super::config::{check_compatible, load_data, load_model, RunConfig};
+use crate::algorithm::basis::{is_ln_out, jacobian_metric, metric_path, pca};
+use crate::algorithm::edges::{edge_path, edges};
+use crate::algorithm::{integration, pass, resolve_node_layers, BasisFormula, EdgeFormula};
+use crate::algorithm::{LibConfig, NodeBasis};
+use crate::data::{Dataset, First};
+use crate::models::{Model, OUTPUT};
+use crate::tensor::linalg::{eigh_abs_desc, flops};
+use faer::Mat;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One step of a build.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Step {
+    pub name: String,
+    /// How the step is computed (closed form, VJP with `r` cotangents, ...).
+    pub path: String,
+    /// Matrix-product FLOPs of the full run.
+    pub flops: f64,
+    /// Expected seconds of the full run.
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    pub n_samples: usize,
+    pub n_pilot: usize,
+    pub positions: usize,
+    pub steps: Vec<Step>,
+    /// Peak resident memory of the pilot, bytes (the full run's, since batches do not grow).
+    pub peak_bytes: Option<u64>,
+}
+
+impl Plan {
+    pub fn total_seconds(&self) -> f64 {
+        self.steps.iter().map(|s| s.seconds).sum()
+    }
+    pub fn total_flops(&self) -> f64 {
+        self.steps.iter().map(|s| s.flops).sum()
+    }
+}
+
+/// Samples of the larger pilot: enough batches for every core, a small fraction of a large
+/// dataset. The smaller pilot has half as many.
+fn pilot_size(n: usize) -> usize {
+    n.min((n / 64).max(2 * rayon::current_num_threads()))
+}
+
+/// Two pilots of `n1 < n2` samples (or one when the dataset is that small): a step's cost is
+/// `fixed + n * per_sample`, fitted through both, so one-off costs (materialising fixed linear
+/// maps, first-touch page faults, thread start-up) are not multiplied by `N / n`.
+struct Pilots {
+    small: First,
+    large: First,
+    n: usize,
+}
+
+impl Pilots {
+    /// Runs `step` on both pilots and extrapolates its FLOPs and seconds to `n` samples.
+    fn extrapolate<T>(
+        &self,
+        mut step: impl FnMut(&dyn Dataset) -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, f64, f64)> {
+        let (n1, n2) = (self.small.len() as f64, self.large.len() as f64);
+        let (_, f1, t1) = measure(|| step(&self.small));
+        let (out, f2, t2) = measure(|| step(&self.large));
+        let out = out?;
+        if n2 <= n1 {
+            return Ok((out, f2, t2));
+        }
+        let n = self.n as f64;
+        let fit = |y1: f64, y2: f64| {
+            // Timing noise can make the slope implausible: keep it within [0.3, 1] of the
+            // large pilot's average cost per sample.
+            let avg = y2 / n2;
+            let slope = ((y2 - y1) / (n2 - n1)).clamp(0.3 * avg, avg);
+            (y2 - slope * n2).max(0.0) + slope * n
+        };
+        Ok((out, fit(f1, f2), fit(t1, t2)))
+    }
+}
+
+/// Plans the build a config describes (`model` overriding its model file).
+pub fn run_plan(config_path: &Path, model: Option<&Path>) -> anyhow::Result<Plan> {
+    let mut cfg = RunConfig::load(config_path)?;
+    if let Some(m) = model {
+        cfg.set_model_path(m.to_path_buf());
+    }
+    let model = load_model(&cfg.model)?;
+    let data = load_data(&cfg.data)?;
+    check_compatible(&model, data.as_ref())?;
+    plan(&model, data, &cfg.lib)
+}
+
+/// A random `rows x cols` matrix (a stand-in basis: timing does not depend on its values).
+fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |_, _| rng.random::<f64>() - 0.5)
+}
+
+/// Times `f` and counts its FLOPs.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let (f0, t) = (flops(), Instant::now());
+    let out = f();
+    (out, (flops() - f0) as f64, t.elapsed().as_secs_f64())
+}
+
+pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::Result<Plan> {
+    let layers = resolve_node_layers(model, &cfg.node_layers)?;
+    let n = data.len();
+    anyhow::ensure!(n > 0, "the dataset is empty");
+    let n_pilot = pilot_size(n);
+    let data: Arc<dyn Dataset> = data.into();
+    let pilots = Pilots {
+        small: First::new(data.clone(), (n_pilot / 2).max(1)),
+        large: First::new(data, n_pilot),
+        n,
+    };
+    let pilot = &pilots.large;
+    let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
+    let positions = pilot.inputs(0..1).pos;
+    let n_pilot = pilot.len();
+    let mut steps = Vec::new();
+
+    let (moments, f, t) =
+        pilots.extrapolate(|d| pass::moments(model, d, &layers, cfg.batch_size))?;
+    steps.push(Step {
+        name: "statistics".into(),
+        path: "forward pass, means and Gram matrices".into(),
+        flops: f,
+        seconds: t,
+    });
+
+    // Directions each layer keeps in the full run: the PCA rank, read off the pilot where the
+    // pilot has enough rows to show it, else full rank (at most N x positions). LIB's second
+    // truncation can only keep fewer, so the plan errs on the expensive side.
+    let dims: Vec<usize> = moments.iter().map(|m| m.mean().len()).collect();
+    let mut kept = Vec::with_capacity(layers.len());
+    for (l, layer) in layers.iter().enumerate() {
+        let pos = crate::algorithm::basis::data_positions(model, pilot, layer.index);
+        let full = dims[l].min(n * pos);
+        let k = if n_pilot * pos >= 2 * dims[l] {
+            let center = cfg.center && layer.name != OUTPUT;
+            let ln_var = cfg.isolate_ln_var && is_ln_out(&layer.name);
+            pca(&moments[l].gram(center), center, ln_var, cfg.tau)?
+                .d
+                .len()
+        } else {
+            full
+        };
+        kept.push(k.min(full));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut eigh_seconds: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+    let mut eigh_cost = |d: usize| -> (f64, f64) {
+        *eigh_seconds.entry(d).or_insert_with(|| {
+            let mut r = ChaCha8Rng::seed_from_u64(d as u64);
+            let a = random(&mut r, d, d);
+            let sym = &a + a.transpose();
+            let t = Instant::now();
+            let _ = eigh_abs_desc(sym.as_ref());
+            // Flop count of a dense symmetric eigensolver, ~(4/3 + 8/3... ) d^3: quote 9 d^3.
+            (9.0 * (d as f64).powi(3), t.elapsed().as_secs_f64())
+        })
+    };
+
+    let last = layers.len() - 1;
+    for l in (0..layers.len()).rev() {
+        let name = &layers[l].name;
+        if l == last && name == OUTPUT && !cfg.rotate_final_node_layer {
+            continue;
+        }
+        // PCA of the Gram matrix; LIB bases add the metric and a second eigendecomposition.
+        let (ef, et) = eigh_cost(dims[l]);
+        let lib =
+            l < last && !matches!(cfg.basis_formula, BasisFormula::Svd | BasisFormula::Neuron);
+        let mut step = Step {
+            name: format!("basis {name}"),
+            path: "PCA".into(),
+            flops: ef,
+            seconds: et,
+        };
+        if lib {
+            let q = random(&mut rng, dims[l + 1], kept[l + 1]);
+            let (_, f, t) = pilots.extrapolate(|d| {
+                jacobian_metric(model, d, cfg, &layers, l, &q, &points, cfg.basis_formula)
+            })?;
+            step.path = metric_path(model, pilot, cfg, &layers, l, kept[l + 1]);
+            step.flops += ef + f;
+            step.seconds += et + t;
+        }
+        steps.push(step);
+    }
+    steps[1..].reverse();
+
+    if cfg.edge_formula != EdgeFormula::None {
+        for l in 0..last {
+            let stand_in = |rng: &mut ChaCha8Rng, l: usize| {
+                let (d, k) = (dims[l], kept[l]);
+                NodeBasis {
+                    name: layers[l].name.clone(),
+                    d_orig: d,
+                    pos: positions,
+                    mean: vec![0.0; d],
+                    gram: Mat::zeros(0, 0),
+                    c: Some(random(rng, d, k)),
+                    c_pinv: Some(random(rng, k, d)),
+                    w: None,
+                    w_pinv: None,
+                    v: None,
+                    lambda: vec![1.0; k],
+                    n_masked: 0,
+                    has_constant: false,
+                }
+            };
+            let (bi, bo) = (stand_in(&mut rng, l), stand_in(&mut rng, l + 1));
+            let (_, f, t) =
+                pilots.extrapolate(|d| edges(model, d, cfg, &layers, l, &bi, &bo, &points))?;
+            steps.push(Step {
+                name: format!("edges {} -> {}", layers[l].name, layers[l + 1].name),
+                path: edge_path(model, cfg, &layers, l, kept[l], kept[l + 1]),
+                flops: f,
+                seconds: t,
+            });
+        }
+    }
+    Ok(Plan {
+        n_samples: n,
+        n_pilot,
+        positions,
+        steps,
+        peak_bytes: peak_resident_bytes(),
+    })
+}
+
+/// Peak resident memory of this process so far (Linux), bytes.
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
+    kib.parse::<u64>().ok().map(|k| k * 1024)
+}
+
+/// Seconds as `1.2 s`, `3.4 min` or `1.1 h`.
+pub fn human_seconds(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.1} s")
+    } else if s < 5400.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// The plan as a table for a person.
+pub fn describe(p: &Plan, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{title}: {} samples x {} positions (pilots of {} and {} samples, extrapolated linearly)",
+        p.n_samples,
+        p.positions,
+        (p.n_pilot / 2).max(1),
+        p.n_pilot
+    );
+    let w = p
+        .steps
+        .iter()
+        .map(|x| x.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let pw = p
+        .steps
+        .iter()
+        .map(|x| x.path.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        s,
+        "  {:<w$}  {:<pw$}  {:>10}  {:>10}",
+        "step", "how", "GFLOP", "time"
+    );
+    for x in &p.steps {
+        let _ = writeln!(
+            s,
+            "  {:<w$}  {:<pw$}  {:>10.1}  {:>10}",
+            x.name,
+            x.path,
+            x.flops / 1e9,
+            human_seconds(x.seconds)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {:<w$}  {:<pw$}  {:>10.1}  {:>10}",
+        "total",
+        "",
+        p.total_flops() / 1e9,
+        human_seconds(p.total_seconds())
+    );
+    if let Some(b) = p.peak_bytes {
+        let _ = writeln!(
+            s,
+            "  peak memory ~{:.2} GB (the pilot's: batches do not grow with the dataset)",
+            b as f64 / 1e9
+        );
+    }
+    s
+}
