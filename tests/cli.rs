@@ -172,3 +172,27 @@ fn eval_prints_one_json_line() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["accuracy"].as_f64().unwrap() > 0.99 && v["loss"].as_f64().unwrap() >= 0.0);
 }
+
+#[test]
+fn plan_prints_a_step_per_basis_and_edge_matrix() {
+    let dir = tmp("plan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, MODADD).unwrap();
+    let (ok, out, err) = ibasis(&["plan", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for step in [
+        "statistics",
+        "basis ln2.0",
+        "basis unembed",
+        "edges ln2.0 -> unembed",
+        "edges unembed -> output",
+        "total",
+        "peak memory",
+    ] {
+        assert!(out.contains(step), "{step:?} missing from {out}");
+    }
+    // The MLP section has the E[d d^T] closed form, the unembedding is linear.
+    assert!(out.contains("closed form, E[d d^T]") && out.contains("linear section"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
+}

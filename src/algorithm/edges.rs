@@ -17,6 +17,9 @@ use faer::Mat;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Numbers in one block of tangents pushed through a section together (32 MB of f64).
+const TANGENT_NUMBERS: usize = 1 << 22;
+
 /// Edges `(d_lib[l + 1], d_lib[l])` between `layers[l]` and `layers[l + 1]`, accumulated in f64.
 #[allow(clippy::too_many_arguments)]
 pub fn edges(
@@ -272,6 +275,11 @@ fn jvp_edges(
             &Batch::new(1, n_lib, 1, c_pinv.clone()),
         )
         .data;
+    // Tangents per block: one sample's tangents for every input feature can be far too many
+    // for memory (SmolLM2: 1154 features x 128 positions x 3651 features = 4 GB), so they go
+    // through the section in blocks of at most TANGENT_NUMBERS numbers.
+    let width = dirs.ncols().max(d_out).max(d_in);
+    let block = (TANGENT_NUMBERS / (pos_in.max(pos_out) * width).max(1)).clamp(1, n_lib);
     let (e, rows) = fold(
         data,
         batch,
@@ -282,86 +290,100 @@ fn jvp_edges(
             let n = f.n;
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
-            // Tangents after the fixed linear prefix:
-            // row (x, j, s) = fhat[(x, s), j] * (C_pinv[j, :] pushed through the prefix).
-            let mut tangent = Mat::zeros(n * n_lib * pos_in, dirs.ncols());
-            for col in 0..dirs.ncols() {
-                let dst = tangent.col_as_slice_mut(col);
-                for j in 0..n_lib {
-                    let (fj, dj) = (fhat.col_as_slice(j), dirs[(j, col)]);
-                    for x in 0..n {
-                        let out = &mut dst[(x * n_lib + j) * pos_in..][..pos_in];
-                        for (o, f) in out.iter_mut().zip(&fj[x * pos_in..][..pos_in]) {
-                            *o = f * dj;
-                        }
-                    }
-                }
-            }
-            let tangent = Batch::new(n, n_lib, pos_in, tangent);
             let y_full = (cfg.edge_formula == EdgeFormula::Functional).then(|| {
                 let (y, _) = section.forward(&Batch::new(n, 1, pos_in, proj.clone()));
                 mm(y.data.as_ref(), q.as_ref())
             });
-            let mut bracket = Mat::<f64>::zeros(n * n_lib * pos_out, n_out);
-            for &(a, w) in points {
-                let x = Batch::new(n, 1, pos_in, faer::Scale(a) * &proj);
-                let (y, caches) = section.forward(&x);
-                let out = mm(tail.jvp(&caches[k..], &tangent).data.as_ref(), q.as_ref());
-                match &y_full {
-                    None => bracket += faer::Scale(w) * &out,
-                    Some(yf) => {
-                        // Functional: 2 w_p sum_t (y - mh(a_p fhat))_{t,i} * jvp_{t,i}.
-                        let yp = mm(y.data.as_ref(), q.as_ref());
+            let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(chunk as u64));
+            // Sign vectors of the stochastic edges, per sample, shared by every feature block.
+            let phis: Vec<Vec<f64>> = (0..n * n_signs)
+                .map(|_| {
+                    (0..pos_out)
+                        .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+                        .collect()
+                })
+                .collect();
+            let forwards: Vec<(f64, Batch, Vec<crate::models::Cache>)> = points
+                .iter()
+                .map(|&(a, w)| {
+                    let x = Batch::new(n, 1, pos_in, faer::Scale(a) * &proj);
+                    let (y, caches) = section.forward(&x);
+                    (w, y, caches)
+                })
+                .collect();
+            for j0 in (0..n_lib).step_by(block) {
+                let nb = block.min(n_lib - j0);
+                // Tangents after the fixed linear prefix:
+                // row (x, j, s) = fhat[(x, s), j0 + j] * (C_pinv[j0 + j, :] through the prefix).
+                let mut tangent = Mat::zeros(n * nb * pos_in, dirs.ncols());
+                for col in 0..dirs.ncols() {
+                    let dst = tangent.col_as_slice_mut(col);
+                    for j in 0..nb {
+                        let (fj, dj) = (fhat.col_as_slice(j0 + j), dirs[(j0 + j, col)]);
                         for x in 0..n {
-                            for j in 0..n_lib {
-                                for t in 0..pos_out {
-                                    let row = (x * n_lib + j) * pos_out + t;
+                            let out = &mut dst[(x * nb + j) * pos_in..][..pos_in];
+                            for (o, f) in out.iter_mut().zip(&fj[x * pos_in..][..pos_in]) {
+                                *o = f * dj;
+                            }
+                        }
+                    }
+                }
+                let tangent = Batch::new(n, nb, pos_in, tangent);
+                let mut bracket = Mat::<f64>::zeros(n * nb * pos_out, n_out);
+                for (w, y, caches) in &forwards {
+                    let out = mm(tail.jvp(&caches[k..], &tangent).data.as_ref(), q.as_ref());
+                    match &y_full {
+                        None => bracket += faer::Scale(*w) * &out,
+                        Some(yf) => {
+                            // Functional: 2 w_p sum_t (y - mh(a_p fhat))_{t,i} * jvp_{t,i}.
+                            let yp = mm(y.data.as_ref(), q.as_ref());
+                            for x in 0..n {
+                                for j in 0..nb {
+                                    for t in 0..pos_out {
+                                        let row = (x * nb + j) * pos_out + t;
+                                        for i in 0..n_out {
+                                            let diff = yf[(x * pos_out + t, i)]
+                                                - yp[(x * pos_out + t, i)];
+                                            acc.0[(i, j0 + j)] += 2.0 * w * diff * out[(row, i)];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                match cfg.edge_formula {
+                    EdgeFormula::Functional => {}
+                    EdgeFormula::Stochastic => {
+                        // Sum over output positions replaced by random sign combinations.
+                        for x in 0..n {
+                            for phi in &phis[x * n_signs..(x + 1) * n_signs] {
+                                for j in 0..nb {
                                     for i in 0..n_out {
-                                        let diff =
-                                            yf[(x * pos_out + t, i)] - yp[(x * pos_out + t, i)];
-                                        acc.0[(i, j)] += 2.0 * w * diff * out[(row, i)];
+                                        let mut s = 0.0;
+                                        for (t, p) in phi.iter().enumerate() {
+                                            s += p * bracket[((x * nb + j) * pos_out + t, i)];
+                                        }
+                                        acc.0[(i, j0 + j)] += s * s / n_signs as f64;
                                     }
                                 }
                             }
                         }
                     }
-                }
-            }
-            match cfg.edge_formula {
-                EdgeFormula::Functional => {}
-                EdgeFormula::Stochastic => {
-                    // Sum over output positions replaced by random sign combinations.
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(chunk as u64));
-                    for x in 0..n {
-                        for _ in 0..n_signs {
-                            let phi: Vec<f64> = (0..pos_out)
-                                .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
-                                .collect();
-                            for j in 0..n_lib {
-                                for i in 0..n_out {
-                                    let mut s = 0.0;
-                                    for (t, p) in phi.iter().enumerate() {
-                                        s += p * bracket[((x * n_lib + j) * pos_out + t, i)];
-                                    }
-                                    acc.0[(i, j)] += s * s / n_signs as f64;
+                    _ => {
+                        // Rows (x, j, t): sum the squares per j down each (contiguous) column.
+                        let mut sums = vec![0.0; nb];
+                        for i in 0..n_out {
+                            sums.fill(0.0);
+                            let col = bracket.col_as_slice(i);
+                            for block in col.chunks_exact(nb * pos_out) {
+                                for (s, b) in sums.iter_mut().zip(block.chunks_exact(pos_out)) {
+                                    *s += b.iter().map(|v| v * v).sum::<f64>();
                                 }
                             }
-                        }
-                    }
-                }
-                _ => {
-                    // Rows (x, j, t): sum the squares per j down each (contiguous) column.
-                    let mut sums = vec![0.0; n_lib];
-                    for i in 0..n_out {
-                        sums.fill(0.0);
-                        let col = bracket.col_as_slice(i);
-                        for block in col.chunks_exact(n_lib * pos_out) {
-                            for (s, b) in sums.iter_mut().zip(block.chunks_exact(pos_out)) {
-                                *s += b.iter().map(|v| v * v).sum::<f64>();
+                            for (j, s) in sums.iter().enumerate() {
+                                acc.0[(i, j0 + j)] += s;
                             }
-                        }
-                        for (j, s) in sums.iter().enumerate() {
-                            acc.0[(i, j)] += s;
                         }
                     }
                 }

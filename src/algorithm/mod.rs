@@ -16,6 +16,10 @@ pub use graph::{Graph, NodeBasis};
 /// efficient GEMMs. Larger batches are memory-bound (fresh buffers, copies, page faults).
 pub const CHUNK_NUMBERS: usize = 32_768;
 
+/// Largest activations at the first node layer that a build keeps in memory for all samples
+/// ([`pass::Prefix`]).
+pub const PREFIX_BYTES: usize = 1 << 30;
+
 use crate::data::Dataset;
 use crate::models::{Model, OUTPUT};
 use anyhow::{bail, Context};
@@ -171,6 +175,11 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     let mut timings = Vec::new();
 
     let t = Instant::now();
+    let prefix = pass::Prefix::new(model, data, layers[0].index, cfg.batch_size, PREFIX_BYTES);
+    let data: &dyn Dataset = match &prefix {
+        Some(p) => p,
+        None => data,
+    };
     let moments = pass::moments(model, data, &layers, cfg.batch_size)?;
     timings.push(("statistics".to_string(), t.elapsed().as_secs_f64()));
 

@@ -9,6 +9,7 @@ use crate::models::Model;
 use crate::tensor::Batch;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use faer::Mat;
 use std::ops::Range;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
@@ -71,7 +72,7 @@ pub fn node_activations(
     range: Range<usize>,
 ) -> Vec<Batch> {
     let mut x = data.inputs(range);
-    let mut at = 0;
+    let mut at = data.start();
     let mut out = Vec::with_capacity(layers.len());
     for layer in layers {
         x = model.run(x, at, layer.index);
@@ -88,7 +89,75 @@ pub fn activations_at(
     index: usize,
     range: Range<usize>,
 ) -> Batch {
-    model.run(data.inputs(range), 0, index)
+    model.run(data.inputs(range), data.start(), index)
+}
+
+/// Activations at module `start` for every sample of `data`, held in memory, as a dataset
+/// whose inputs enter the model at `start`: the many passes of a build (one per basis and
+/// edge matrix) then skip the modules before the first node layer instead of re-running
+/// them each time (SmolLM2's blocks before the ones studied).
+pub struct Prefix<'a> {
+    inner: &'a dyn Dataset,
+    acts: Batch,
+    start: usize,
+}
+
+impl<'a> Prefix<'a> {
+    /// The prefix when `start > 0` and the activations take at most `max_bytes`.
+    pub fn new(
+        model: &Model,
+        data: &'a dyn Dataset,
+        start: usize,
+        batch: usize,
+        max_bytes: usize,
+    ) -> Option<Self> {
+        let n = data.len();
+        if start == data.start() || n == 0 {
+            return None;
+        }
+        let one = activations_at(model, data, start, 0..1);
+        if n * one.rows() * one.features() * 8 > max_bytes {
+            return None;
+        }
+        let parts: Vec<Batch> = chunks(n, batch)
+            .into_par_iter()
+            .map(|r| activations_at(model, data, start, r))
+            .collect();
+        let mut acts = Mat::zeros(n * one.rows(), one.features());
+        let mut row = 0;
+        for p in &parts {
+            acts.subrows_mut(row, p.rows()).copy_from(&p.data);
+            row += p.rows();
+        }
+        Some(Self {
+            inner: data,
+            acts: Batch::new(n, 1, one.pos, acts),
+            start,
+        })
+    }
+}
+
+impl Dataset for Prefix<'_> {
+    fn len(&self) -> usize {
+        self.acts.n
+    }
+    fn inputs(&self, range: Range<usize>) -> Batch {
+        let pos = self.acts.pos;
+        let rows = self.acts.data.subrows(range.start * pos, range.len() * pos);
+        Batch::new(range.len(), 1, pos, rows.to_owned())
+    }
+    fn labels(&self, range: Range<usize>) -> Vec<usize> {
+        self.inner.labels(range)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn next_token_targets(&self) -> bool {
+        self.inner.next_token_targets()
+    }
+    fn start(&self) -> usize {
+        self.start
+    }
 }
 
 /// Means and Gram matrices of all node layers in one pass (method.md section 3).

@@ -30,6 +30,11 @@ pub trait Dataset: Send + Sync {
     fn next_token_targets(&self) -> bool {
         false
     }
+    /// The module whose input [`Dataset::inputs`] are: 0 for raw data; later for activations
+    /// already computed up to a node layer (a build's cached prefix).
+    fn start(&self) -> usize {
+        0
+    }
 }
 
 /// The first `n` samples of a shared dataset (a pilot, or a `n_samples` limit).

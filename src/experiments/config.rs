@@ -3,9 +3,12 @@
 
 use crate::algorithm::LibConfig;
 use crate::data::modadd::{ModOp, ModularArithmetic, Split};
+use crate::data::text::{SampleMode, TextDataset, TextOptions};
+use crate::data::tokenizer::{Gpt2Tokenizer, Tokenizer};
 use crate::data::Dataset;
 use crate::io::weights::{load_safetensors, take, Tensors};
 use crate::models::mlp::MlpWeights;
+use crate::models::transformer::hf::{hf_model_from_tensors, load_hf, LmOptions};
 use crate::models::{Activation, Model};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -33,6 +36,19 @@ pub enum ModelConfig {
         path: PathBuf,
         #[serde(default)]
         options: crate::models::transformer::TransformerOptions,
+    },
+    /// A Hugging Face language model: a folder with `config.json` + `model.safetensors`
+    /// (GPT-2, GPT-Neo, GPT-NeoX / Pythia, Llama).
+    Hf {
+        path: PathBuf,
+        #[serde(default)]
+        options: LmOptions,
+    },
+    /// A GGUF language model (Llama architecture; quantised tensors are dequantised).
+    Gguf {
+        path: PathBuf,
+        #[serde(default)]
+        options: LmOptions,
     },
 }
 
@@ -77,6 +93,33 @@ pub enum DataConfig {
         #[serde(default)]
         split_file: Option<PathBuf>,
     },
+    /// Text files (or folders of `*.txt`), tokenised, joined with the end-of-text token and cut
+    /// into chunks of `n_ctx` tokens (see [`crate::data::text`]).
+    Text {
+        paths: Vec<PathBuf>,
+        /// `gpt2` (r50k_base), or the path of a GGUF file whose tokenizer to use.
+        tokenizer: String,
+        n_ctx: usize,
+        #[serde(default)]
+        n_samples: Option<usize>,
+        #[serde(default)]
+        sample: SampleMode,
+        #[serde(default)]
+        seed: u64,
+        #[serde(default)]
+        bos_at_start: bool,
+        #[serde(default = "all")]
+        split: Split,
+        #[serde(default = "test_frac")]
+        test_frac: f64,
+    },
+}
+
+fn all() -> Split {
+    Split::All
+}
+fn test_frac() -> f64 {
+    0.1
 }
 
 fn mnist_dir() -> PathBuf {
@@ -108,14 +151,20 @@ impl RunConfig {
 
     pub fn model_path(&self) -> &Path {
         match &self.model {
-            ModelConfig::Mlp { path, .. } | ModelConfig::Transformer { path, .. } => path,
+            ModelConfig::Mlp { path, .. }
+            | ModelConfig::Transformer { path, .. }
+            | ModelConfig::Hf { path, .. }
+            | ModelConfig::Gguf { path, .. } => path,
         }
     }
 
     /// Replaces the model file (`--model PATH`).
     pub fn set_model_path(&mut self, p: PathBuf) {
         match &mut self.model {
-            ModelConfig::Mlp { path, .. } | ModelConfig::Transformer { path, .. } => *path = p,
+            ModelConfig::Mlp { path, .. }
+            | ModelConfig::Transformer { path, .. }
+            | ModelConfig::Hf { path, .. }
+            | ModelConfig::Gguf { path, .. } => *path = p,
         }
     }
 
@@ -125,7 +174,8 @@ impl RunConfig {
         match &mut d {
             DataConfig::Mnist { split: s, .. }
             | DataConfig::Cifar10 { split: s, .. }
-            | DataConfig::ModularArithmetic { split: s, .. } => *s = split,
+            | DataConfig::ModularArithmetic { split: s, .. }
+            | DataConfig::Text { split: s, .. } => *s = split,
         }
         d
     }
@@ -175,6 +225,14 @@ pub fn load_model(cfg: &ModelConfig) -> anyhow::Result<Model> {
                 options,
                 &path.display().to_string(),
             )
+        }
+        ModelConfig::Hf { path, options } => load_hf(path, options),
+        ModelConfig::Gguf { path, options } => {
+            let file = path.display().to_string();
+            let g = crate::io::gguf::read_gguf(path)?;
+            let (config, tensors) = crate::io::gguf::llama_from_gguf(&g, &file)?;
+            drop(g);
+            hf_model_from_tensors(&config, tensors, options, &file)
         }
     }
 }
@@ -243,7 +301,43 @@ pub fn load_data(cfg: &DataConfig) -> anyhow::Result<Box<dyn Dataset>> {
             *seed,
             split_file.as_deref(),
         )?),
+        DataConfig::Text {
+            paths,
+            tokenizer,
+            n_ctx,
+            n_samples,
+            sample,
+            seed,
+            bos_at_start,
+            split,
+            test_frac,
+        } => {
+            let tok = load_tokenizer(tokenizer)?;
+            let opts = TextOptions {
+                n_ctx: *n_ctx,
+                n_samples: *n_samples,
+                sample: *sample,
+                seed: *seed,
+                bos_at_start: *bos_at_start,
+                split: *split,
+                test_frac: *test_frac,
+            };
+            Box::new(TextDataset::new(paths, tok.as_ref(), &opts)?)
+        }
     })
+}
+
+/// `gpt2`, or the tokenizer stored in a GGUF file.
+pub fn load_tokenizer(spec: &str) -> anyhow::Result<Box<dyn Tokenizer>> {
+    if spec == "gpt2" {
+        return Ok(Box::new(Gpt2Tokenizer::new()));
+    }
+    let path = Path::new(spec);
+    if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        bail!("tokenizer `{spec}`: expected `gpt2` or the path of a .gguf file");
+    }
+    let g = crate::io::gguf::read_gguf(path)?;
+    Ok(Box::new(crate::data::gguf_tokenizer::GgufTokenizer::from_gguf(&g, spec)?))
 }
 
 /// The first `n` samples of `d` (all of them when `n` is `None` or too large).

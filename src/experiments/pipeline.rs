@@ -5,7 +5,7 @@ use super::ablate::{
     edge_ablation, node_ablation, AblationResult, AblationSettings, Metric, Schedule,
 };
 use super::build::build_config;
-use super::config::{load_data, load_model, DataConfig, RunConfig};
+use super::config::{limit, load_data, load_model, DataConfig, RunConfig};
 use super::figures::{self, Curve, GraphDrawOptions, GraphView, LayerView};
 use super::fourier::{label_features, FourierLabel};
 use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
@@ -40,6 +40,9 @@ pub struct PipelineSummary {
     pub report: PathBuf,
 }
 
+/// Held-out chunks scored per language-model evaluation in the pipeline's ablations.
+const LM_EVAL_CHUNKS: usize = 16;
+
 /// Runs everything for `config` (a LIB build config) into `out`.
 pub fn run_pipeline(
     config: &Path,
@@ -61,17 +64,28 @@ pub fn run_pipeline(
         c.lib.edge_formula = edges;
         c
     };
-    let runs = [
+    // Language models: held-out text scored by next-token cross-entropy on a few chunks (each
+    // evaluation runs the whole model), no neuron graph, no edge bisection.
+    let test = load_data(&lib_cfg.with_split(Split::Test))?;
+    let lm = test.next_token_targets();
+    let test = if lm {
+        limit(test, Some(LM_EVAL_CHUNKS))
+    } else {
+        test
+    };
+    let mut runs = vec![
         ("lib", lib_cfg.clone()),
         (
             "pca",
             variant(BasisFormula::Svd, true, lib_cfg.lib.edge_formula),
         ),
-        (
+    ];
+    if !lm {
+        runs.push((
             "neuron",
             variant(BasisFormula::Neuron, false, EdgeFormula::None),
-        ),
-    ];
+        ));
+    }
     let source = config.display().to_string();
     let mut graphs = Vec::new();
     for (name, cfg) in &runs {
@@ -82,7 +96,7 @@ pub fn run_pipeline(
     }
 
     let model = load_model(&lib_cfg.model)?;
-    let test = load_data(&lib_cfg.with_split(Split::Test))?;
+    let metric = if lm { Metric::Loss } else { Metric::Accuracy };
     let node_settings = AblationSettings {
         kind: super::ablate::AblationKind::Node,
         schedule: Schedule::Exponential,
@@ -91,7 +105,7 @@ pub fn run_pipeline(
         step: 1,
         delta,
         split: Split::Test,
-        metric: Metric::Accuracy,
+        metric,
         node_layers: None,
         batch_size: 1024,
     };
@@ -109,7 +123,7 @@ pub fn run_pipeline(
         ..node_settings.clone()
     };
     let mut edge_results = Vec::new();
-    for ((name, _), g) in runs.iter().zip(&graphs).take(2) {
+    for ((name, _), g) in runs.iter().zip(&graphs).take(if lm { 0 } else { 2 }) {
         let t = Instant::now();
         let r = edge_ablation(&model, test.as_ref(), g, &edge_settings)?;
         save_ablation(&out.join(name).join("ablation-edges"), &r, name)?;
@@ -122,14 +136,14 @@ pub fn run_pipeline(
     timings.push(("Fourier labels".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let html = out.join("report.html");
+    let titled: Vec<(&str, &Graph)> = ["LIB", "PCA", "neurons"]
+        .into_iter()
+        .zip(&graphs)
+        .collect();
     let clusters = write_full_report(
         &html,
         &lib_cfg,
-        &[
-            ("LIB", &graphs[0]),
-            ("PCA", &graphs[1]),
-            ("neurons", &graphs[2]),
-        ],
+        &titled,
         &node_results,
         &edge_results,
         fourier.as_deref(),
@@ -156,8 +170,10 @@ pub fn run_pipeline(
             (b.name.clone(), per)
         })
         .collect();
-    let edges_required = edge_results[0]
-        .edges_required
+    let edges_required = edge_results
+        .first()
+        .map(|r| r.edges_required.clone())
+        .unwrap_or_default()
         .keys()
         .map(|k| {
             let per = runs
@@ -176,7 +192,7 @@ pub fn run_pipeline(
     let summary = PipelineSummary {
         model: lib_cfg.model_path().display().to_string(),
         baseline,
-        metric: "accuracy".into(),
+        metric: if lm { "loss" } else { "accuracy" }.into(),
         features_required,
         edges_required,
         frequencies: dominant_frequencies(&graphs[0], fourier.as_deref()),
@@ -230,7 +246,18 @@ fn save_ablation(dir: &Path, r: &AblationResult, basis: &str) -> anyhow::Result<
 /// for every larger count measured).
 pub fn fewest_within(r: &AblationResult, layer: &str, delta: f64) -> Option<usize> {
     let c = r.node_layers.get(layer)?;
-    let ok: Vec<bool> = c.score.iter().map(|s| *s >= r.baseline - delta).collect();
+    let lower_is_better = r.metric == "loss";
+    let ok: Vec<bool> = c
+        .score
+        .iter()
+        .map(|s| {
+            if lower_is_better {
+                *s <= r.baseline + delta
+            } else {
+                *s >= r.baseline - delta
+            }
+        })
+        .collect();
     (0..ok.len())
         .find(|&i| ok[i..].iter().all(|&b| b))
         .map(|i| c.n_kept[i])
@@ -379,9 +406,10 @@ pub fn write_full_report(
 
     // Ablation curves.
     if !node_results.is_empty() {
+        let metric = node_results[0].metric.as_str();
         let mut figs = Vec::new();
         let mut table = Table {
-            caption: "Fewest features within delta of the unablated accuracy".into(),
+            caption: format!("Fewest features within delta of the unablated {metric}"),
             header: vec!["node layer".into()],
             rows: vec![],
         };
@@ -410,7 +438,7 @@ pub fn write_full_report(
                 &b.name,
                 &curves,
                 node_results[0].baseline,
-                "accuracy",
+                metric,
             )?;
             figs.push(Figure::from_files(
                 format!("Node ablation at {}", b.name),

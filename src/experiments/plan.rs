@@ -13,7 +13,9 @@
 use super::config::{check_compatible, load_data, load_model, RunConfig};
 use crate::algorithm::basis::{is_ln_out, jacobian_metric, metric_path, pca};
 use crate::algorithm::edges::{edge_path, edges};
+use crate::algorithm::pass::Prefix;
 use crate::algorithm::{integration, pass, resolve_node_layers, BasisFormula, EdgeFormula};
+use crate::algorithm::PREFIX_BYTES;
 use crate::algorithm::{LibConfig, NodeBasis};
 use crate::data::{Dataset, First};
 use crate::models::{Model, OUTPUT};
@@ -67,35 +69,37 @@ fn pilot_size(n: usize) -> usize {
 /// Two pilots of `n1 < n2` samples (or one when the dataset is that small): a step's cost is
 /// `fixed + n * per_sample`, fitted through both, so one-off costs (materialising fixed linear
 /// maps, first-touch page faults, thread start-up) are not multiplied by `N / n`.
-struct Pilots {
-    small: First,
-    large: First,
+struct Pilots<'a> {
+    small: &'a dyn Dataset,
+    large: &'a dyn Dataset,
     n: usize,
 }
 
-impl Pilots {
+impl Pilots<'_> {
     /// Runs `step` on both pilots and extrapolates its FLOPs and seconds to `n` samples.
     fn extrapolate<T>(
         &self,
         mut step: impl FnMut(&dyn Dataset) -> anyhow::Result<T>,
     ) -> anyhow::Result<(T, f64, f64)> {
         let (n1, n2) = (self.small.len() as f64, self.large.len() as f64);
-        let (_, f1, t1) = measure(|| step(&self.small));
-        let (out, f2, t2) = measure(|| step(&self.large));
+        let (_, f1, t1) = measure(|| step(self.small));
+        let (out, f2, t2) = measure(|| step(self.large));
         let out = out?;
         if n2 <= n1 {
             return Ok((out, f2, t2));
         }
         let n = self.n as f64;
-        let fit = |y1: f64, y2: f64| {
-            // Timing noise can make the slope implausible: keep it within [0.3, 1] of the
-            // large pilot's average cost per sample.
-            let avg = y2 / n2;
-            let slope = ((y2 - y1) / (n2 - n1)).clamp(0.3 * avg, avg);
-            (y2 - slope * n2).max(0.0) + slope * n
-        };
-        Ok((out, fit(f1, f2), fit(t1, t2)))
+        Ok((out, fit(n1, f1, n2, f2, n), fit(n1, t1, n2, t2, n)))
     }
+}
+
+/// The cost at `n` samples of a step costing `y1` at `n1 < n2` samples and `y2` at `n2`:
+/// the line through both, its slope kept within `[0.3, 1]` of `y2 / n2` (timing noise can
+/// make it implausible) and its intercept non-negative.
+fn fit(n1: f64, y1: f64, n2: f64, y2: f64, n: f64) -> f64 {
+    let avg = y2 / n2;
+    let slope = ((y2 - y1) / (n2 - n1)).clamp(0.3 * avg, avg);
+    (y2 - slope * n2).max(0.0) + slope * n
 }
 
 /// Plans the build a config describes (`model` overriding its model file).
@@ -128,16 +132,40 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     anyhow::ensure!(n > 0, "the dataset is empty");
     let n_pilot = pilot_size(n);
     let data: Arc<dyn Dataset> = data.into();
+    let (small, large) = (
+        First::new(data.clone(), (n_pilot / 2).max(1)),
+        First::new(data, n_pilot),
+    );
+    // As the build does: the activations at the first node layer computed once.
+    let start = layers[0].index;
+    let small_prefix = Prefix::new(model, &small, start, cfg.batch_size, PREFIX_BYTES);
+    let large_prefix = Prefix::new(model, &large, start, cfg.batch_size, PREFIX_BYTES);
     let pilots = Pilots {
-        small: First::new(data.clone(), (n_pilot / 2).max(1)),
-        large: First::new(data, n_pilot),
+        small: small_prefix.as_ref().map_or(&small as &dyn Dataset, |p| p),
+        large: large_prefix.as_ref().map_or(&large as &dyn Dataset, |p| p),
         n,
     };
-    let pilot = &pilots.large;
+    let pilot = pilots.large;
+    let mut steps = Vec::new();
+    if large_prefix.is_some() {
+        let raw = Pilots {
+            small: &small,
+            large: &large,
+            n,
+        };
+        let (_, f, t) = raw.extrapolate(|d| {
+            Ok(Prefix::new(model, d, start, cfg.batch_size, PREFIX_BYTES).is_some())
+        })?;
+        steps.push(Step {
+            name: "prefix".into(),
+            path: format!("forward to {}, kept in memory", layers[0].name),
+            flops: f,
+            seconds: t,
+        });
+    }
     let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
     let positions = pilot.inputs(0..1).pos;
     let n_pilot = pilot.len();
-    let mut steps = Vec::new();
 
     let (moments, f, t) =
         pilots.extrapolate(|d| pass::moments(model, d, &layers, cfg.batch_size))?;
@@ -182,6 +210,7 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     };
 
     let last = layers.len() - 1;
+    let mut bases = 0;
     for l in (0..layers.len()).rev() {
         let name = &layers[l].name;
         if l == last && name == OUTPUT && !cfg.rotate_final_node_layer {
@@ -207,8 +236,10 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
             step.seconds += et + t;
         }
         steps.push(step);
+        bases += 1;
     }
-    steps[1..].reverse();
+    let first_basis = steps.len() - bases;
+    steps[first_basis..].reverse();
 
     if cfg.edge_formula != EdgeFormula::None {
         for l in 0..last {
@@ -325,4 +356,20 @@ pub fn describe(p: &Plan, title: &str) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn linear_fit_separates_fixed_and_per_sample_costs() {
+        // cost = 5 + 2 n: exact.
+        assert!((fit(10.0, 25.0, 20.0, 45.0, 1000.0) - 2005.0).abs() < 1e-9);
+        // Purely per-sample: exact.
+        assert!((fit(4.0, 8.0, 8.0, 16.0, 64.0) - 128.0).abs() < 1e-9);
+        // Noise making the small pilot slower than the large one: slope clamped to 0.3 of the
+        // large pilot's average (0.3 * 1.0), intercept 10 - 3 = 7.
+        assert!((fit(5.0, 12.0, 10.0, 10.0, 100.0) - 37.0).abs() < 1e-9);
+    }
 }
