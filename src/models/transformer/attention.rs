@@ -37,7 +37,10 @@ pub struct Rotary {
 impl Rotary {
     /// The rotation tables for positions `0 .. n_ctx`. `dims` must be even and positive.
     pub fn new(dims: usize, base: f64, n_ctx: usize) -> Self {
-        assert!(dims > 0 && dims % 2 == 0, "rotary dims {dims} must be even");
+        assert!(
+            dims > 0 && dims.is_multiple_of(2),
+            "rotary dims {dims} must be even"
+        );
         let half = dims / 2;
         let (mut cos, mut sin) = (vec![0.0; n_ctx * half], vec![0.0; n_ctx * half]);
         for s in 0..n_ctx {

@@ -55,13 +55,12 @@ impl Affine {
     /// `(n g + beta) W + b = n (diag(g) W) + (beta W + b)`: a norm's affine weights moved into
     /// the map that reads the norm's output.
     fn absorb_norm(&mut self, norm: &NormAffine) {
-        let (din, dout) = (self.w.nrows(), self.w.ncols());
-        let mut b = self.b.take().unwrap_or_else(|| vec![0.0; dout]);
-        for j in 0..dout {
+        let mut b = self.b.take().unwrap_or_else(|| vec![0.0; self.w.ncols()]);
+        for (j, bj) in b.iter_mut().enumerate() {
             let col = self.w.col_as_slice_mut(j);
-            for i in 0..din {
-                b[j] += norm.bias[i] * col[i];
-                col[i] *= norm.weight[i];
+            for ((w, beta), g) in col.iter_mut().zip(&norm.bias).zip(&norm.weight) {
+                *bj += beta * *w;
+                *w *= g;
             }
         }
         self.b = Some(b);
@@ -206,7 +205,7 @@ pub(crate) fn build_transformer(
         a.eps
     );
     ensure!(
-        a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0,
+        a.n_kv_heads > 0 && a.n_heads.is_multiple_of(a.n_kv_heads),
         "{}: {} query heads are not a multiple of {} key/value heads",
         a.name,
         a.n_heads,
