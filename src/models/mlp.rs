@@ -15,6 +15,7 @@ impl Activation {
                 let u = GELU_TANH_C * (x + 0.044715 * x * x * x);
                 0.5 * x * (1.0 + u.tanh())
             }
+            Activation::Silu => x * sigmoid(x),
         }
     }
 
@@ -39,6 +40,11 @@ impl Activation {
                 let du = GELU_TANH_C * (1.0 + 3.0 * 0.044715 * x * x);
                 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
             }
+            // d/dx x s(x) = s(x) + x s(x) (1 - s(x)).
+            Activation::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
         }
     }
 
@@ -60,6 +66,16 @@ impl Activation {
                 r
             }
         }
+    }
+}
+
+/// `1 / (1 + e^-x)`, without overflow for large `|x|`.
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
     }
 }
 

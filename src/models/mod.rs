@@ -27,6 +27,8 @@ pub enum Activation {
     Gelu,
     /// The tanh approximation (GPT-2's `gelu_new`).
     GeluTanh,
+    /// `x * sigmoid(x)` (Llama's SwiGLU gate).
+    Silu,
 }
 
 /// Structure a module exposes so that the algorithm can take analytic shortcuts

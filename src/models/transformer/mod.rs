@@ -1,56 +1,78 @@
-//! Decoder-only transformers (TransformerLens layout) as a flat list of bias-folded modules
-//! (method.md sections 8 and 9).
+//! Decoder-only transformers as a flat list of bias-folded modules (method.md sections 8 and
+//! 9), built from TransformerLens-named weights ([`transformer_from_tensors`]: the
+//! modular-addition and LNPre models) or Hugging Face checkpoints ([`hf::load_hf`]: GPT-2,
+//! GPT-Neo, GPT-NeoX / Pythia, Llama), both through one builder.
 //!
 //! # Modules and their output streams
 //!
-//! `R = d_model + 1` is the residual stream with the folded bias last; `H` heads of `d_head`;
+//! `R = d_model + 1` is the residual stream with the folded bias last; `H` query heads and
+//! `H_kv` key / value heads (`H_kv = H` except with grouped-query attention) of `d_head`;
 //! `M = d_mlp + 1`. Offsets are feature (column) offsets of a module's output; the node layer
 //! named `m` is the *input* of module `m`, i.e. the previous module's output. Every node layer
-//! from `add_embed` on ends with a constant 1 (the residual's bias coordinate).
+//! from `add_embed` on ends with a constant 1 (the residual's bias coordinate). Side streams
+//! travel with the residual, which is always last.
 //!
 //! | module | output streams (offset: stream) | features |
 //! |---|---|---|
-//! | `embed` | 0: `W_E'[token] = [W_E[token], 0]` | `R` |
-//! | `pos_embed` | 0: token embedding, `R`: `W_pos'[s] = [W_pos[s], 1]` | `2R` |
-//! | `add_embed` | 0: resid | `R` |
-//! | `ln1.k`, `ln2.k`, `ln_final` (LNPre) | 0: var, 1: resid | `1 + R` |
-//! | `ln1_out.k`, `ln2_out.k` (LNPre) | 0: LN(resid) (its last coordinate the bias 1), `R`: resid | `2R` |
-//! | `ln_final_out` (LNPre) | 0: LN(resid) (bias 1 last) | `R` |
+//! | `embed` | 0: `W_E'[token] = [W_E[token], 0]` (rotary models: `[W_E[token], 1]`) | `R` |
+//! | `pos_embed` (learned positions) | 0: token embedding, `R`: `W_pos'[s] = [W_pos[s], 1]` | `2R` |
+//! | `add_embed` (learned positions) | 0: resid | `R` |
+//! | `pos_embed`, `add_embed` (rotary) | 0: resid (identities) | `R` |
+//! | `ln1.k`, `ln_final`, sequential `ln2.k` | 0: var, 1: resid | `1 + R` |
+//! | parallel `ln2.k` | 0: var, 1: attn, `1 + R`: resid | `1 + 2R` |
+//! | `ln1_out.k`, sequential `ln2_out.k` | 0: LN(resid) (its last coordinate the bias 1), `R`: resid | `2R` |
+//! | parallel `ln2_out.k` | 0: LN(resid), `R`: attn, `2R`: resid | `3R` |
+//! | `ln_final_out` | 0: LN(resid) (bias 1 last) | `R` |
 //! | `lnX`, `lnX_out` (no normalization) | 0: resid (identity) | `R` |
-//! | `attn_in.k` | 0: q, `Hd`: k, `2Hd`: v (`H (d_head + 1)`, each head ends in 1), `2Hd + H(d+1)`: resid | `2Hd + H(d+1) + R` |
+//! | `attn_in.k` | 0: q (`H d_head`), `Hd`: k (`H_kv d_head`), `Hd + H_kv d`: v (`H_kv (d_head + 1)`, each head ends in 1), then resid | `(H + H_kv) d_head + H_kv (d_head + 1) + R` |
 //! | `attn_out.k` | 0: attn (last coordinate 0), `R`: resid | `2R` |
-//! | `add_resid1.k` | 0: resid + attn | `R` |
-//! | `mlp_in.k` | 0: pre-activations (last = `r`, `act(r) = 1`), `M`: resid | `M + R` |
-//! | `mlp_act.k` | 0: post-activations (last = 1), `M`: resid | `M + R` |
+//! | sequential `add_resid1.k` | 0: resid + attn | `R` |
+//! | parallel `add_resid1.k` | 0: attn, `R`: resid (identity: nothing added yet) | `2R` |
+//! | `mlp_in.k` | 0: pre-activations (last = `r`, `act(r) = 1`), `M`: resid (parallel: resid + attn) | `M + R` |
+//! | gated `mlp_in.k` | 0: gate (last = `r`, `act(r) = 1`), `M`: up (last = 1), `2M`: resid (parallel: resid + attn) | `2M + R` |
+//! | `mlp_act.k` | 0: post-activations `act(pre)` or `act(gate) * up` (last = 1), `M`: resid | `M + R` |
 //! | `mlp_out.k` | 0: mlp (last coordinate 0), `R`: resid | `2R` |
 //! | `add_resid2.k` | 0: resid + mlp | `R` |
 //! | `unembed` | 0: logits | `d_vocab_out` |
 //!
-//! Head `h`'s query and key are at `h d_head ..` inside `q`, `k`; its value at
-//! `h (d_head + 1) ..` inside `v`. Without layer norm the `lnX` / `lnX_out` modules are
-//! identities on the residual stream (so node layers `ln1.0`, `ln2.0`, `unembed` of the
-//! modular-addition model are all exactly the 129-dim residual stream), and `attn_in` /
-//! `mlp_in` / `unembed` read the residual itself as their "normalized" input. With LNPre,
-//! coordinate 0 of `ln1_out.k`, `ln2_out.k`, `ln_final_out` is the variance channel
-//! (method.md section 4.1, layer-norm isolation). `ln_final_out` drops the residual: nothing
-//! after it needs it (as the reference).
+//! `var` is the norm's channel: the variance of the residual's non-bias coordinates for layer
+//! norm, their mean square for RMS norm. `LN(resid)` is the normalized residual, times the
+//! norm's affine weights only with `fold_norms = false` (by default they are folded into the
+//! next linear map: `attn_in`, `mlp_in`, `unembed`). Query head `h` is at `h d_head ..` inside
+//! `q`; kv head `g` at `g d_head ..` inside `k` and `g (d_head + 1) ..` inside `v`; query head
+//! `h` reads kv head `h / (H / H_kv)`. Rotary embeddings and local attention windows act inside
+//! `attn_out` ([`attention::AttnOut`]).
+//!
+//! **Parallel residual** (GPT-NeoX `use_parallel_residual`: `x + attn(ln1(x)) + mlp(ln2(x))`):
+//! `add_resid1.k` leaves `(attn, resid)` unadded, `ln2.k` / `ln2_out.k` normalise the block's
+//! input `resid` and carry `attn` along, and `mlp_in.k` adds it to the residual (a fixed
+//! linear map), so from `mlp_act.k` on the streams mean the same as in a sequential block.
+//!
+//! Without layer norm the `lnX` / `lnX_out` modules are identities on the residual stream (so
+//! node layers `ln1.0`, `ln2.0`, `unembed` of the modular-addition model are all exactly the
+//! 129-dim residual stream), and `attn_in` / `mlp_in` / `unembed` read the residual itself as
+//! their "normalized" input. With a norm, coordinate 0 of `ln1_out.k`, `ln2_out.k`,
+//! `ln_final_out` is the variance channel (method.md section 4.1, layer-norm isolation).
+//! `ln_final_out` drops the residual: nothing after it needs it (as the reference).
 //!
 //! `embed` and `pos_embed` cannot be node layers ([`check_node_layer`]).
 
 pub mod attention;
+mod build;
 pub mod hf;
 pub mod modules;
 
 #[cfg(test)]
+mod hf_tests;
+#[cfg(test)]
 mod tests;
 
-use super::mlp::Dense;
-use super::{Activation, InputKind, Model, Module};
+use super::{Activation, Model};
 use crate::io::weights::{take, Tensors};
 use anyhow::{bail, ensure, Context};
-use attention::AttnOut;
+use build::{build_transformer, Affine, Arch, BlockWeights, Ends};
 use faer::Mat;
-use modules::{Add, Embed, Identity, LastPos, LnOut, LnVar, MlpAct, PosEmbed, Project};
+use modules::NormKind;
 
 /// Layer normalization of the model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -190,86 +212,56 @@ fn get<'a>(t: &'a Tensors, name: &str, shape: &[usize], file: &str) -> anyhow::R
     Ok(&take(t, name, shape, file)?.data)
 }
 
-/// The weights of one block, folded (method.md section 8).
-struct FoldedBlock {
-    /// `R x (2 H d_head + H (d_head + 1))`: `[W_Q' | W_K' | W_V']`.
-    w_qkv: Mat<f64>,
-    /// `H (d_head + 1) x R`.
-    w_o: Mat<f64>,
-    /// `R x (d_mlp + 1)`.
-    w_in: Mat<f64>,
-    /// `(d_mlp + 1) x R`.
-    w_out: Mat<f64>,
+/// A checked 2-D tensor as a matrix.
+fn mat(t: &Tensors, name: &str, rows: usize, cols: usize, file: &str) -> anyhow::Result<Mat<f64>> {
+    let v = get(t, name, &[rows, cols], file)?;
+    Ok(Mat::from_fn(rows, cols, |i, j| v[i * cols + j]))
 }
 
-fn fold_block(
+/// The unfolded weights of block `k` from TransformerLens names.
+fn tl_block(
     t: &Tensors,
     k: usize,
     d: &TransformerDims,
-    act: Activation,
+    attn_scale: f64,
     file: &str,
-) -> anyhow::Result<FoldedBlock> {
+) -> anyhow::Result<BlockWeights> {
     let (dm, h, dh, dmlp) = (d.d_model, d.n_heads, d.d_head, d.d_mlp);
-    let name = |s: &str| format!("blocks.{k}.{s}");
-    let wq = get(t, &name("attn.W_Q"), &[h, dm, dh], file)?;
-    let wk = get(t, &name("attn.W_K"), &[h, dm, dh], file)?;
-    let wv = get(t, &name("attn.W_V"), &[h, dm, dh], file)?;
-    let bq = get(t, &name("attn.b_Q"), &[h, dh], file)?;
-    let bk = get(t, &name("attn.b_K"), &[h, dh], file)?;
-    let bv = get(t, &name("attn.b_V"), &[h, dh], file)?;
-    let wo = get(t, &name("attn.W_O"), &[h, dh, dm], file)?;
-    let bo = get(t, &name("attn.b_O"), &[dm], file)?;
-    let win = get(t, &name("mlp.W_in"), &[dm, dmlp], file)?;
-    let bin = get(t, &name("mlp.b_in"), &[dmlp], file)?;
-    let wout = get(t, &name("mlp.W_out"), &[dmlp, dm], file)?;
-    let bout = get(t, &name("mlp.b_out"), &[dm], file)?;
-
-    // W_Q', W_K': bias as an extra input row. W_V': extra input row and, per head, an extra
-    // output column [0, .., 0, 1] so that every head's value ends in the folded 1.
-    let (fq, dv) = (h * dh, dh + 1);
-    let mut w_qkv = Mat::zeros(dm + 1, 2 * fq + h * dv);
-    for hh in 0..h {
-        for dd in 0..dh {
-            let (cq, ck, cv) = (hh * dh + dd, fq + hh * dh + dd, 2 * fq + hh * dv + dd);
-            for i in 0..dm {
-                let src = (hh * dm + i) * dh + dd;
-                w_qkv[(i, cq)] = wq[src];
-                w_qkv[(i, ck)] = wk[src];
-                w_qkv[(i, cv)] = wv[src];
-            }
-            w_qkv[(dm, cq)] = bq[hh * dh + dd];
-            w_qkv[(dm, ck)] = bk[hh * dh + dd];
-            w_qkv[(dm, cv)] = bv[hh * dh + dd];
-        }
-        w_qkv[(dm, 2 * fq + hh * dv + dh)] = 1.0;
-    }
-    // W_O': per head the rows of W_O[h], then b_O / H (attention weights sum to 1, so the heads
-    // add exactly b_O); a zero output column for the bias coordinate.
-    let mut w_o = Mat::zeros(h * dv, dm + 1);
-    for hh in 0..h {
-        for j in 0..dm {
-            for dd in 0..dh {
-                w_o[(hh * dv + dd, j)] = wo[(hh * dh + dd) * dm + j];
-            }
-            w_o[(hh * dv + dh, j)] = bo[j] / h as f64;
-        }
-    }
-    // W_in' as an MLP layer (bias row, column [0, .., 0, r] with act(r) = 1); W_out' bias row
-    // and zero column.
-    let win_m = Mat::from_fn(dm, dmlp, |i, j| win[i * dmlp + j]);
-    let w_in = Dense::fold("mlp_in", win_m.as_ref(), bin, act, false).w;
-    let mut w_out = Mat::zeros(dmlp + 1, dm + 1);
-    for j in 0..dm {
-        for i in 0..dmlp {
-            w_out[(i, j)] = wout[i * dm + j];
-        }
-        w_out[(dmlp, j)] = bout[j];
-    }
-    Ok(FoldedBlock {
-        w_qkv,
-        w_o,
-        w_in,
-        w_out,
+    let name = |s: &str| format!("blocks.{k}.attn.{s}");
+    // W_Q, W_K, W_V `[H, D, d_head]` -> `D x H d_head`; biases `[H, d_head]`.
+    let per_head = |w: &str, b: &str| -> anyhow::Result<Affine> {
+        let wv = get(t, &name(w), &[h, dm, dh], file)?;
+        let bv = get(t, &name(b), &[h, dh], file)?;
+        Ok(Affine {
+            w: Mat::from_fn(dm, h * dh, |i, c| wv[((c / dh) * dm + i) * dh + c % dh]),
+            b: Some(bv.to_vec()),
+        })
+    };
+    let affine = |w: &str, b: &str, din: usize, dout: usize| -> anyhow::Result<Affine> {
+        Ok(Affine {
+            w: mat(t, &format!("blocks.{k}.{w}"), din, dout, file)?,
+            b: Some(get(t, &format!("blocks.{k}.{b}"), &[dout], file)?.to_vec()),
+        })
+    };
+    Ok(BlockWeights {
+        ln1: None,
+        ln2: None,
+        q: per_head("W_Q", "b_Q")?,
+        k: per_head("W_K", "b_K")?,
+        v: per_head("W_V", "b_V")?,
+        // W_O `[H, d_head, D]` is `H d_head x D` row-major.
+        o: Affine {
+            w: {
+                let wo = get(t, &name("W_O"), &[h, dh, dm], file)?;
+                Mat::from_fn(h * dh, dm, |i, j| wo[i * dm + j])
+            },
+            b: Some(get(t, &name("b_O"), &[dm], file)?.to_vec()),
+        },
+        mlp_in: affine("mlp.W_in", "mlp.b_in", dm, dmlp)?,
+        mlp_up: None,
+        mlp_out: affine("mlp.W_out", "mlp.b_out", dmlp, dm)?,
+        attn_scale,
+        window: None,
     })
 }
 
@@ -317,7 +309,7 @@ pub fn module_ids(n_layers: usize) -> Vec<String> {
 }
 
 /// The index (into [`module_ids`]) of the module `last_pos_module_type` names.
-fn last_pos_index(ids: &[String], n_layers: usize, what: &str) -> anyhow::Result<usize> {
+pub(crate) fn last_pos_index(ids: &[String], n_layers: usize, what: &str) -> anyhow::Result<usize> {
     let last_block = n_layers.checked_sub(1);
     let candidate = ids.iter().position(|id| id == what).or_else(|| {
         let k = last_block?;
@@ -358,149 +350,42 @@ pub fn transformer_from_tensors(
     );
     let scale = opts.attn_scale.unwrap_or(1.0 / (d.d_head as f64).sqrt());
     ensure!(scale.is_finite(), "attn_scale must be finite, got {scale}");
-    let r = d.d_model + 1;
-    let ids = module_ids(d.n_layers);
-    let last_pos = opts
-        .last_pos_module_type
-        .as_deref()
-        .map(|w| last_pos_index(&ids, d.n_layers, w))
-        .transpose()?;
-
-    let we = get(tensors, "embed.W_E", &[d.d_vocab, d.d_model], file)?;
-    let wp = get(tensors, "pos_embed.W_pos", &[d.n_ctx, d.d_model], file)?;
-    let wu = get(tensors, "unembed.W_U", &[d.d_model, d.d_vocab_out], file)?;
-    let bu = get(tensors, "unembed.b_U", &[d.d_vocab_out], file)?;
-
-    let lnpre = opts.normalization == Normalization::LnPre;
-    let ln_in = |id: String| -> Box<dyn Module> {
-        if lnpre {
-            Box::new(LnVar { id, width: r })
-        } else {
-            Box::new(Identity { id, width: r })
-        }
-    };
-    let ln_out = |id: String, keep_resid: bool| -> Box<dyn Module> {
-        if lnpre {
-            Box::new(LnOut {
-                id,
-                width: r,
-                eps: opts.ln_eps,
-                keep_resid,
-            })
-        } else {
-            Box::new(Identity { id, width: r })
-        }
-    };
-    // Width of (LN(resid), resid) with LNPre, of resid alone without.
-    let normed_in = if lnpre { 2 * r } else { r };
-
-    let mut modules: Vec<Box<dyn Module>> = vec![
-        Box::new(Embed {
-            w_e: Mat::from_fn(d.d_vocab, r, |i, j| {
-                if j < d.d_model {
-                    we[i * d.d_model + j]
-                } else {
-                    0.0
-                }
-            }),
-        }),
-        Box::new(PosEmbed {
-            w_pos: Mat::from_fn(d.n_ctx, r, |i, j| {
-                if j < d.d_model {
-                    wp[i * d.d_model + j]
-                } else {
-                    1.0
-                }
-            }),
-        }),
-        Box::new(Add {
-            id: "add_embed".into(),
-            width: r,
-        }),
-    ];
-    for k in 0..d.n_layers {
-        let b = fold_block(tensors, k, &d, opts.act, file)?;
-        let attn_out_id = format!("attn_out.{k}");
-        let attn_last = last_pos.is_some_and(|i| ids[i] == attn_out_id);
-        let m = d.d_mlp + 1;
-        modules.push(ln_in(format!("ln1.{k}")));
-        modules.push(ln_out(format!("ln1_out.{k}"), true));
-        modules.push(Box::new(Project {
-            id: format!("attn_in.{k}"),
-            w: b.w_qkv,
-            in_features: normed_in,
-            resid: r,
-        }));
-        modules.push(Box::new(AttnOut {
-            id: attn_out_id,
-            heads: d.n_heads,
-            d_head: d.d_head,
-            scale,
-            w_o: b.w_o,
-            resid: r,
-            last_pos: attn_last,
-        }));
-        modules.push(Box::new(Add {
-            id: format!("add_resid1.{k}"),
-            width: r,
-        }));
-        modules.push(ln_in(format!("ln2.{k}")));
-        modules.push(ln_out(format!("ln2_out.{k}"), true));
-        modules.push(Box::new(Project {
-            id: format!("mlp_in.{k}"),
-            w: b.w_in,
-            in_features: normed_in,
-            resid: r,
-        }));
-        modules.push(Box::new(MlpAct {
-            id: format!("mlp_act.{k}"),
-            act: opts.act,
-            width: m,
-            resid: r,
-        }));
-        modules.push(Box::new(Project {
-            id: format!("mlp_out.{k}"),
-            w: b.w_out,
-            in_features: m + r,
-            resid: r,
-        }));
-        modules.push(Box::new(Add {
-            id: format!("add_resid2.{k}"),
-            width: r,
-        }));
-    }
-    modules.push(ln_in("ln_final".into()));
-    modules.push(ln_out("ln_final_out".into(), false));
-    let wu_m = Mat::from_fn(d.d_model, d.d_vocab_out, |i, j| wu[i * d.d_vocab_out + j]);
-    modules.push(Box::new(Dense::fold(
-        "unembed",
-        wu_m.as_ref(),
-        bu,
-        Activation::Identity,
-        true,
-    )));
-    debug_assert!(modules
-        .iter()
-        .map(|m| m.id())
-        .eq(ids.iter().map(|s| s.as_str())));
-
-    // attn_out computes its last query itself; per-position modules are wrapped.
-    let modules = modules
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| -> Box<dyn Module> {
-            if last_pos == Some(i) && !ids[i].starts_with("attn_out.") {
-                Box::new(LastPos(m))
-            } else {
-                m
-            }
-        })
-        .collect();
-    Ok(Model {
+    let arch = Arch {
         name: "transformer".into(),
-        input: InputKind::Tokens { vocab: d.d_vocab },
-        modules,
-    })
+        d_vocab: d.d_vocab,
+        d_model: d.d_model,
+        n_ctx: d.n_ctx,
+        n_layers: d.n_layers,
+        n_heads: d.n_heads,
+        n_kv_heads: d.n_heads,
+        d_head: d.d_head,
+        d_mlp: d.d_mlp,
+        norm: match opts.normalization {
+            Normalization::None => None,
+            Normalization::LnPre => Some(NormKind::LayerNorm),
+        },
+        eps: opts.ln_eps,
+        act: opts.act,
+        gated: false,
+        parallel: false,
+        rotary: None,
+        fold_norms: true,
+        last_pos_module_type: opts.last_pos_module_type.clone(),
+    };
+    // Reject a bad last_pos_module_type before reading any weights.
+    if let Some(w) = &opts.last_pos_module_type {
+        last_pos_index(&module_ids(d.n_layers), d.n_layers, w)?;
+    }
+    let ends = Ends {
+        w_e: mat(tensors, "embed.W_E", d.d_vocab, d.d_model, file)?,
+        w_pos: Some(mat(tensors, "pos_embed.W_pos", d.n_ctx, d.d_model, file)?),
+        ln_final: None,
+        unembed: Affine {
+            w: mat(tensors, "unembed.W_U", d.d_model, d.d_vocab_out, file)?,
+            b: Some(get(tensors, "unembed.b_U", &[d.d_vocab_out], file)?.to_vec()),
+        },
+    };
+    build_transformer(&arch, ends, |k| tl_block(tensors, k, &d, scale, file))
 }
 
 /// Token sequences (all of one length) as the model's input batch: one column of ids.

@@ -352,20 +352,59 @@ impl Module for Identity {
 }
 
 // ---------------------------------------------------------------------------------------------
-// lnX (LNPre, part 1): x -> (var, x)
+// lnX (part 1): (c, x) -> (var, c, x)
 // ---------------------------------------------------------------------------------------------
 
-/// `ln1.k`, `ln2.k`, `ln_final` with `LNPre`: input the residual `x` (`R`), output
-/// `(var, x)` (`1 + R`), the variance of the non-bias coordinates (no epsilon; as the reference):
+/// How a norm normalises the `D` non-bias coordinates of the residual `x`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// Layer norm: centre, then scale. Channel `var = 1/D sum_{i<D} (x_i - m)^2`,
+    /// `m = 1/D sum_{i<D} x_i`.
+    LayerNorm,
+    /// RMS norm: scale only. Channel `var = 1/D sum_{i<D} x_i^2` (the mean square).
+    Rms,
+}
+
+impl NormKind {
+    fn centres(self) -> bool {
+        self == NormKind::LayerNorm
+    }
+}
+
+/// Per-row centred (layer norm) or raw (RMS norm) non-bias coordinates of the residual at
+/// columns `c0 .. c0 + d` of `m`: `c_i = x_i - m` or `c_i = x_i` (`rows x d`).
+fn centred(m: MatRef<'_, f64>, c0: usize, d: usize, kind: NormKind) -> Mat<f64> {
+    let mut c = m.subcols(c0, d).to_owned();
+    if kind.centres() {
+        let mean = row_means(m, c0, d);
+        for j in 0..d {
+            for (v, mu) in c.col_as_slice_mut(j).iter_mut().zip(&mean) {
+                *v -= mu;
+            }
+        }
+    }
+    c
+}
+
+/// `ln1.k`, `ln2.k`, `ln_final`, the variance half of a layer norm or RMS norm (method.md
+/// section 4.1, layer-norm isolation): input `(c, x)` — `carried` features of side streams
+/// `c` (the parallel-residual attention output in `ln2.k`, else none), then the residual `x`
+/// (`R`) — output `(var, c, x)` (`1 + carried + R`), with no epsilon (as the reference):
 ///
-/// `m = 1/D sum_{i<D} x_i`, `c_i = x_i - m`, `var = 1/D sum_{i<D} c_i^2`.
+/// `var = 1/D sum_{i<D} c_i^2`, where `c_i = x_i - m` ([`NormKind::LayerNorm`]) or `c_i = x_i`
+/// ([`NormKind::Rms`]).
 ///
-/// Since `d var / d x_i = 2 c_i / D` (`i < D`; 0 for the bias coordinate):
-/// VJP: `dx_i = dres_i + dvar * 2 c_i / D`; JVP: `dvar = sum_{i<D} 2 c_i / D * dx_i`, `dres = dx`.
+/// Since `d var / d x_i = 2 c_i / D` (`i < D`; 0 for the bias coordinate; the centring drops
+/// out because `sum_i c_i = 0`):
+/// VJP: `dx_i = dres_i + dvar * 2 c_i / D`, `dc = dc'`; JVP: `dvar = sum_{i<D} 2 c_i / D * dx_i`,
+/// the rest passes through.
 pub struct LnVar {
     pub id: String,
     /// `R`.
     pub width: usize,
+    /// Side-stream features before the residual, carried through unchanged.
+    pub carried: usize,
+    pub kind: NormKind,
 }
 
 /// `2 c / D` per row `(x, s)` (`n * pos x D`).
@@ -378,30 +417,23 @@ impl Module for LnVar {
         &self.id
     }
     fn in_features(&self) -> usize {
-        self.width
+        self.carried + self.width
     }
     fn out_features(&self) -> usize {
-        1 + self.width
+        1 + self.in_features()
     }
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
-        let (d, rows) = (self.width - 1, x.rows());
-        let mean = row_means(x.data.as_ref(), 0, d);
-        let mut y = Mat::zeros(rows, 1 + self.width);
-        copy_cols(&mut y, 1, x.data.as_ref(), 0, self.width);
-        let mut grad = Mat::zeros(rows, d);
-        let mut var = vec![0.0; rows];
+        let (d, rows, fin) = (self.width - 1, x.rows(), self.in_features());
+        let mut grad = centred(x.data.as_ref(), self.carried, d, self.kind);
+        let mut y = Mat::zeros(rows, 1 + fin);
+        copy_cols(&mut y, 1, x.data.as_ref(), 0, fin);
+        let var = y.col_as_slice_mut(0);
         for j in 0..d {
-            let xc = x.data.col_as_slice(j);
-            let g = grad.col_as_slice_mut(j);
-            for i in 0..rows {
-                let c = xc[i] - mean[i];
-                var[i] += c * c;
-                g[i] = 2.0 * c / d as f64;
+            for (v, c) in var.iter_mut().zip(grad.col_as_slice_mut(j)) {
+                *v += *c * *c / d as f64;
+                *c *= 2.0 / d as f64;
             }
-        }
-        for (y, v) in y.col_as_slice_mut(0).iter_mut().zip(&var) {
-            *y = v / d as f64;
         }
         (
             Batch::new(x.n, x.r, x.pos, y),
@@ -411,11 +443,11 @@ impl Module for LnVar {
 
     fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
         let c = cache::<LnVarCache>(c, "ln var");
-        let mut dx = dy.data.subcols(1, self.width).to_owned();
+        let mut dx = dy.data.subcols(1, self.in_features()).to_owned();
         let dvar = dy.data.col_as_slice(0);
         for j in 0..self.width - 1 {
             let g = c.grad.col_as_slice(j);
-            let out = dx.col_as_slice_mut(j);
+            let out = dx.col_as_slice_mut(self.carried + j);
             for_rows(dy.n, dy.r, dy.pos, |row, cr| out[row] += dvar[row] * g[cr]);
         }
         Batch::new(dy.n, dy.r, dy.pos, dx)
@@ -423,15 +455,15 @@ impl Module for LnVar {
 
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
         let c = cache::<LnVarCache>(c, "ln var");
-        let mut t = Mat::zeros(dx.rows(), 1 + self.width);
-        copy_cols(&mut t, 1, dx.data.as_ref(), 0, self.width);
-        let mut dvar = vec![0.0; dx.rows()];
+        let fin = self.in_features();
+        let mut t = Mat::zeros(dx.rows(), 1 + fin);
+        copy_cols(&mut t, 1, dx.data.as_ref(), 0, fin);
+        let dvar = t.col_as_slice_mut(0);
         for j in 0..self.width - 1 {
             let g = c.grad.col_as_slice(j);
-            let d = dx.data.col_as_slice(j);
+            let d = dx.data.col_as_slice(self.carried + j);
             for_rows(dx.n, dx.r, dx.pos, |row, cr| dvar[row] += g[cr] * d[row]);
         }
-        t.col_as_slice_mut(0).copy_from_slice(&dvar);
         Batch::new(dx.n, dx.r, dx.pos, t)
     }
 }
@@ -450,28 +482,47 @@ fn row_means(m: MatRef<'_, f64>, c0: usize, w: usize) -> Vec<f64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// lnX_out (LNPre, part 2): (var, x) -> (LN(x), x)   or   (LN(x)) for ln_final_out
+// lnX_out (part 2): (var, c, x) -> (y, c, x)   or   (y) for ln_final_out
 // ---------------------------------------------------------------------------------------------
 
-/// `ln1_out.k`, `ln2_out.k`, `ln_final_out` with `LNPre`: input `(var, x)` (`1 + R`), output
-/// `(y, x)` (`2R`), or `y` alone (`R`) for `ln_final_out` (`keep_resid = false`: nothing after
-/// it needs the residual), where, with `sigma = (relu(var) + eps)^{-1/2}` (relu as the reference:
-/// only ablations can make the variance channel negative):
+/// The affine weights of a norm, `y_i = n_i * weight_i + bias_i` (RMS norms: bias 0), when they
+/// are kept in `lnX_out` (`fold_norms = false`) instead of being folded into the next linear
+/// map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormAffine {
+    /// `D`.
+    pub weight: Vec<f64>,
+    /// `D`.
+    pub bias: Vec<f64>,
+}
+
+/// `ln1_out.k`, `ln2_out.k`, `ln_final_out`, the normalising half of a layer norm or RMS norm:
+/// input `(var, c, x)` (`lnX`'s output: `1 + carried + R`), output `(y, c, x)`
+/// (`R + carried + R`), or `y` alone (`R`) for `ln_final_out` (`keep_resid = false`: nothing
+/// after it needs the residual), where, with `sigma = (relu(var) + eps)^{-1/2}` (relu as the
+/// reference: only ablations can make the variance channel negative), `c_i = x_i - m`
+/// (layer norm) or `x_i` (RMS norm), and the affine weights `g = 1`, `b = 0` unless kept:
 ///
-/// `y_i = c_i * sigma` (`i < D`, `c_i = x_i - m`), `y_D = x_D` (the bias coordinate, re-appended).
+/// `y_i = g_i c_i sigma + b_i` (`i < D`), `y_D = x_D` (the bias coordinate, re-appended).
 ///
 /// Derivatives (`var` is an input of its own, so only the centring acts on `x`):
-/// `d y_i / d x_j = sigma (delta_ij - 1/D)`, `d y_i / d var = c_i * beta`, `beta = -sigma^3 / 2`
-/// (0 where `var < 0`).
-/// JVP: `dy_i = sigma (dx_i - mean_{j<D} dx_j) + c_i beta dvar`, `dy_D = dx_D`, `dres = dx`.
-/// VJP: `dx_i = sigma (gy_i - mean_{j<D} gy_j) + gres_i`, `dx_D = gy_D + gres_D`,
-/// `dvar = beta sum_{i<D} c_i gy_i`.
+/// `d y_i / d x_j = g_i sigma (delta_ij - [centre] 1/D)`, `d y_i / d var = g_i c_i beta`,
+/// `beta = -sigma^3 / 2` (0 where `var < 0`).
+/// JVP: `dy_i = g_i (sigma (dx_i - [centre] mean_{j<D} dx_j) + c_i beta dvar)`, `dy_D = dx_D`,
+/// `(dc, dres) = (dc', dx)`.
+/// VJP, with `gy'_i = g_i gy_i`: `dx_i = sigma (gy'_i - [centre] mean_{j<D} gy'_j) + gres_i`,
+/// `dx_D = gy_D + gres_D`, `dvar = beta sum_{i<D} c_i gy'_i`, `dc' = dc`.
 pub struct LnOut {
     pub id: String,
     /// `R`.
     pub width: usize,
+    /// Side-stream features between `var` and the residual, carried through unchanged.
+    pub carried: usize,
     pub eps: f64,
+    pub kind: NormKind,
     pub keep_resid: bool,
+    /// Affine weights applied here (`None`: folded into the next linear map, or none at all).
+    pub affine: Option<NormAffine>,
 }
 
 /// Per row `(x, s)`: centred `c` (`n * pos x D`), `sigma` and `beta`.
@@ -481,16 +532,28 @@ struct LnOutCache {
     beta: Vec<f64>,
 }
 
+impl LnOut {
+    /// `g_j`, 1 without affine weights.
+    #[inline]
+    fn gain(&self, j: usize) -> f64 {
+        self.affine.as_ref().map_or(1.0, |a| a.weight[j])
+    }
+    /// Width of `(c, x)`, carried to the output when `keep_resid`.
+    fn passed(&self) -> usize {
+        self.carried + self.width
+    }
+}
+
 impl Module for LnOut {
     fn id(&self) -> &str {
         &self.id
     }
     fn in_features(&self) -> usize {
-        1 + self.width
+        1 + self.passed()
     }
     fn out_features(&self) -> usize {
         if self.keep_resid {
-            2 * self.width
+            self.width + self.passed()
         } else {
             self.width
         }
@@ -498,6 +561,7 @@ impl Module for LnOut {
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
         let (w, d, rows) = (self.width, self.width - 1, x.rows());
+        let x0 = 1 + self.carried;
         let var = x.data.col_as_slice(0);
         let sigma: Vec<f64> = var
             .iter()
@@ -508,23 +572,21 @@ impl Module for LnOut {
             .zip(&sigma)
             .map(|(&v, &s)| if v < 0.0 { 0.0 } else { -0.5 * s * s * s })
             .collect();
-        let mean = row_means(x.data.as_ref(), 1, d);
+        let c = centred(x.data.as_ref(), x0, d, self.kind);
         let mut y = Mat::zeros(rows, self.out_features());
-        let mut c = Mat::zeros(rows, d);
         for j in 0..d {
-            let xj = x.data.col_as_slice(1 + j);
-            let cj = c.col_as_slice_mut(j);
+            let (g, b) = match &self.affine {
+                Some(a) => (a.weight[j], a.bias[j]),
+                None => (1.0, 0.0),
+            };
+            let (yj, cj) = (y.col_as_slice_mut(j), c.col_as_slice(j));
             for i in 0..rows {
-                cj[i] = xj[i] - mean[i];
-            }
-            let yj = y.col_as_slice_mut(j);
-            for i in 0..rows {
-                yj[i] = cj[i] * sigma[i];
+                yj[i] = g * cj[i] * sigma[i] + b;
             }
         }
-        copy_cols(&mut y, d, x.data.as_ref(), w, 1);
+        copy_cols(&mut y, d, x.data.as_ref(), x0 + d, 1);
         if self.keep_resid {
-            copy_cols(&mut y, w, x.data.as_ref(), 1, w);
+            copy_cols(&mut y, w, x.data.as_ref(), 1, self.passed());
         }
         let cache = LnOutCache { c, sigma, beta };
         (Batch::new(x.n, x.r, x.pos, y), Box::new(cache))
@@ -533,23 +595,34 @@ impl Module for LnOut {
     fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
         let c = cache::<LnOutCache>(c, "ln out");
         let (w, d, rows) = (self.width, self.width - 1, dy.rows());
-        let mut dx = Mat::zeros(rows, 1 + w);
+        let x0 = 1 + self.carried;
+        let mut dx = Mat::zeros(rows, self.in_features());
         if self.keep_resid {
-            copy_cols(&mut dx, 1, dy.data.as_ref(), w, w);
+            copy_cols(&mut dx, 1, dy.data.as_ref(), w, self.passed());
         }
-        let gmean = row_means(dy.data.as_ref(), 0, d);
+        // gy' = g gy, and its row means when centring.
+        let mut gmean = vec![0.0; rows];
+        if self.kind.centres() {
+            for j in 0..d {
+                let g = self.gain(j) / d as f64;
+                for (m, v) in gmean.iter_mut().zip(dy.data.col_as_slice(j)) {
+                    *m += g * v;
+                }
+            }
+        }
         let mut dvar = vec![0.0; rows];
         for j in 0..d {
-            let g = dy.data.col_as_slice(j);
+            let (gain, gy) = (self.gain(j), dy.data.col_as_slice(j));
             let cj = c.c.col_as_slice(j);
-            let out = dx.col_as_slice_mut(1 + j);
+            let out = dx.col_as_slice_mut(x0 + j);
             for_rows(dy.n, dy.r, dy.pos, |row, cr| {
-                out[row] += c.sigma[cr] * (g[row] - gmean[row]);
-                dvar[row] += cj[cr] * g[row];
+                let g = gain * gy[row];
+                out[row] += c.sigma[cr] * (g - gmean[row]);
+                dvar[row] += cj[cr] * g;
             });
         }
         for (o, g) in dx
-            .col_as_slice_mut(w)
+            .col_as_slice_mut(x0 + d)
             .iter_mut()
             .zip(dy.data.col_as_slice(d))
         {
@@ -565,49 +638,66 @@ impl Module for LnOut {
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
         let c = cache::<LnOutCache>(c, "ln out");
         let (w, d, rows) = (self.width, self.width - 1, dx.rows());
+        let x0 = 1 + self.carried;
         let mut t = Mat::zeros(rows, self.out_features());
-        let dmean = row_means(dx.data.as_ref(), 1, d);
+        let dmean = if self.kind.centres() {
+            row_means(dx.data.as_ref(), x0, d)
+        } else {
+            vec![0.0; rows]
+        };
         let dvar = dx.data.col_as_slice(0);
         for j in 0..d {
-            let dxj = dx.data.col_as_slice(1 + j);
+            let (gain, dxj) = (self.gain(j), dx.data.col_as_slice(x0 + j));
             let cj = c.c.col_as_slice(j);
             let out = t.col_as_slice_mut(j);
             for_rows(dx.n, dx.r, dx.pos, |row, cr| {
-                out[row] = c.sigma[cr] * (dxj[row] - dmean[row]) + cj[cr] * c.beta[cr] * dvar[row];
+                out[row] = gain
+                    * (c.sigma[cr] * (dxj[row] - dmean[row]) + cj[cr] * c.beta[cr] * dvar[row]);
             });
         }
-        copy_cols(&mut t, d, dx.data.as_ref(), w, 1);
+        copy_cols(&mut t, d, dx.data.as_ref(), x0 + d, 1);
         if self.keep_resid {
-            copy_cols(&mut t, w, dx.data.as_ref(), 1, w);
+            copy_cols(&mut t, w, dx.data.as_ref(), 1, self.passed());
         }
         Batch::new(dx.n, dx.r, dx.pos, t)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// attn_in, mlp_in, mlp_out: (u, ..., x) -> (u W', x)
+// attn_in, mlp_in, mlp_out: (u, ..., x) -> (u W', x)   (parallel mlp_in: (u, a, x) -> (u W', a + x))
 // ---------------------------------------------------------------------------------------------
 
 /// A folded linear map of the first input stream with the residual carried alongside:
-/// input `(u, ..., x)` with `u` the first `w.nrows()` features and `x` the last `resid`
-/// features, output `(u W', x)`. `u` and `x` may coincide (no layer norm: `attn_in`/`mlp_in`
-/// read the residual itself). Used for
-/// - `attn_in.k`: `u` = LN(resid) (or resid), `W' = [W_Q' | W_K' | W_V']` (`R x (2 H d_head +
-///   H (d_head + 1))`), output `(q, k, v, resid)`;
-/// - `mlp_in.k`: `W' = W_in'` (`R x (d_mlp + 1)`, bias row, column `[0, .., 0, r]`, `act(r) = 1`),
-///   output `(pre, resid)`;
+/// input `(u, ..., x)` with `u` the first `w.nrows()` features and, as the last
+/// `resid_streams * resid` features, `resid_streams` streams of width `resid` whose sum is
+/// carried on (1: the residual `x` alone; 2: `(a, x)`, the parallel residual's attention
+/// output `a` joining the residual in `mlp_in`). Output `(u W', sum)`. `u` and `x` may
+/// coincide (no layer norm: `attn_in`/`mlp_in` read the residual itself). Used for
+/// - `attn_in.k`: `u` = LN(resid) (or resid), `W' = [W_Q' | W_K' | W_V']` (`R x (H d_head +
+///   H_kv d_head + H_kv (d_head + 1))`), output `(q, k, v, resid)`;
+/// - `mlp_in.k`: `W' = W_in'` (`R x (d_mlp + 1)`, bias row, column `[0, .., 0, r]`, `act(r) = 1`)
+///   or, gated, `[W_gate' | W_up']` (`R x 2 (d_mlp + 1)`), output `(pre, resid)` or
+///   `(gate, up, resid)`;
 /// - `mlp_out.k`: `u` = post-activation, `W' = W_out'` (`(d_mlp + 1) x R`, bias row, zero
 ///   column), output `(mlp, resid)`.
 ///
-/// VJP: `du = dz W'^T`, `dx = dres` (summed where `u` and `x` coincide); JVP: `(du W', dx)`.
+/// VJP: `du = dz W'^T`, every summed stream gets `dres` (added where `u` and `x` coincide);
+/// JVP: `(du W', sum of the streams' tangents)`.
 pub struct Project {
     pub id: String,
     pub w: Mat<f64>,
     pub in_features: usize,
     pub resid: usize,
+    /// Number of `resid`-wide streams at the end of the input summed into the carried residual.
+    pub resid_streams: usize,
 }
 
 impl Project {
+    /// Column of the first summed stream.
+    fn streams_at(&self) -> usize {
+        self.in_features - self.resid_streams * self.resid
+    }
+
     fn apply(&self, x: &Batch) -> Batch {
         let (k, m) = (self.w.nrows(), self.w.ncols());
         let mut y = Mat::zeros(x.rows(), m + self.resid);
@@ -617,13 +707,16 @@ impl Project {
             x.data.as_ref().subcols(0, k),
             self.w.as_ref(),
         );
-        copy_cols(
-            &mut y,
-            m,
-            x.data.as_ref(),
-            self.in_features - self.resid,
-            self.resid,
-        );
+        let c0 = self.streams_at();
+        copy_cols(&mut y, m, x.data.as_ref(), c0, self.resid);
+        for stream in 1..self.resid_streams {
+            for j in 0..self.resid {
+                let src = x.data.col_as_slice(c0 + stream * self.resid + j);
+                for (y, s) in y.col_as_slice_mut(m + j).iter_mut().zip(src) {
+                    *y += s;
+                }
+            }
+        }
         Batch::new(x.n, x.r, x.pos, y)
     }
 }
@@ -646,13 +739,10 @@ impl Module for Project {
     fn vjp(&self, _: &Cache, dy: &Batch) -> Batch {
         let (k, m) = (self.w.nrows(), self.w.ncols());
         let mut dx = Mat::zeros(dy.rows(), self.in_features);
-        copy_cols(
-            &mut dx,
-            self.in_features - self.resid,
-            dy.data.as_ref(),
-            m,
-            self.resid,
-        );
+        for stream in 0..self.resid_streams {
+            let c0 = self.streams_at() + stream * self.resid;
+            copy_cols(&mut dx, c0, dy.data.as_ref(), m, self.resid);
+        }
         gemm(
             dx.as_mut().subcols_mut(0, k),
             Accum::Add,
@@ -671,26 +761,44 @@ impl Module for Project {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mlp_act: (z, x) -> (act(z), x)
+// mlp_act: (z, x) -> (act(z), x)   or, gated, (g, u, x) -> (act(g) * u, x)
 // ---------------------------------------------------------------------------------------------
 
-/// `mlp_act.k`: input `(z, x)` (`d_mlp + 1` pre-activations, the last one `r` with `act(r) = 1`,
-/// then the residual), output `(act(z), x)`.
+/// `mlp_act.k`, elementwise: input `(z, x)` (`M = d_mlp + 1` pre-activations, the last one `r`
+/// with `act(r) = 1`, then the residual), output `(act(z), x)`.
 /// VJP: `dz = dh * act'(z)`, `dx = dres`; JVP: `dh = act'(z) * dz`, `dres = dx`.
+///
+/// Gated (SwiGLU, `gated = true`): input `(g, u, x)` (`M` gate and `M` up pre-activations: the
+/// folded bias puts `r` with `act(r) = 1` last in `g` and 1 last in `u`, so the output's last
+/// coordinate is 1 and scaling the input by `a -> 0` sends both to 0), output
+/// `(h, x) = (act(g) * u, x)`.
+/// JVP: `dh = act'(g) u dg + act(g) du`; VJP: `dg = gh act'(g) u`, `du = gh act(g)`;
+/// the residual passes through.
 pub struct MlpAct {
     pub id: String,
     pub act: Activation,
-    /// `d_mlp + 1`.
+    /// `M = d_mlp + 1`.
     pub width: usize,
     pub resid: usize,
+    pub gated: bool,
 }
 
-/// `act'(z)` per row `(x, s)`.
+/// Per row `(x, s)`: `act'(z)`, or, gated, `act'(g) u` and `act(g)` side by side (`2M` columns).
 struct MlpActCache {
     d: Mat<f64>,
 }
 
 impl MlpAct {
+    /// Width of the pre-activations, `M` or `2M` (gate and up).
+    fn pre_width(&self) -> usize {
+        if self.gated {
+            2 * self.width
+        } else {
+            self.width
+        }
+    }
+
+    /// The elementwise case's VJP and JVP (the same diagonal map): `g * act'(z)`.
     fn scale(&self, c: &Cache, g: &Batch) -> Batch {
         let c = cache::<MlpActCache>(c, "mlp act");
         let mut out = g.data.clone();
@@ -708,38 +816,83 @@ impl Module for MlpAct {
         &self.id
     }
     fn in_features(&self) -> usize {
-        self.width + self.resid
+        self.pre_width() + self.resid
     }
     fn out_features(&self) -> usize {
         self.width + self.resid
     }
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
-        let mut y = x.data.clone();
-        let mut d = Mat::zeros(x.rows(), self.width);
-        for j in 0..self.width {
-            let dj = d.col_as_slice_mut(j);
-            for (i, y) in y.col_as_slice_mut(j).iter_mut().enumerate() {
-                dj[i] = self.act.derivative(*y);
-                *y = self.act.apply(*y);
+        let (m, rows) = (self.width, x.rows());
+        let mut y = Mat::zeros(rows, m + self.resid);
+        copy_cols(&mut y, m, x.data.as_ref(), self.pre_width(), self.resid);
+        let mut d = Mat::zeros(rows, self.pre_width());
+        for j in 0..m {
+            let z = x.data.col_as_slice(j);
+            let (yj, dj) = (y.col_as_slice_mut(j), d.col_as_slice_mut(j));
+            for i in 0..rows {
+                yj[i] = self.act.apply(z[i]);
+                dj[i] = self.act.derivative(z[i]);
+            }
+            if self.gated {
+                // h = act(g) u; d = (act'(g) u, act(g)).
+                let u = x.data.col_as_slice(m + j);
+                for i in 0..rows {
+                    dj[i] *= u[i];
+                }
+                d.col_as_slice_mut(m + j).copy_from_slice(yj);
+                for i in 0..rows {
+                    yj[i] *= u[i];
+                }
             }
         }
         (Batch::new(x.n, x.r, x.pos, y), Box::new(MlpActCache { d }))
     }
 
     fn structure(&self) -> Structure<'_> {
-        Structure::Elementwise {
-            act: self.act,
-            width: self.width,
+        if self.gated {
+            Structure::General
+        } else {
+            Structure::Elementwise {
+                act: self.act,
+                width: self.width,
+            }
         }
     }
 
     fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
-        self.scale(c, dy)
+        if !self.gated {
+            return self.scale(c, dy);
+        }
+        let c = cache::<MlpActCache>(c, "mlp act");
+        let m = self.width;
+        let mut dx = Mat::zeros(dy.rows(), self.in_features());
+        copy_cols(&mut dx, 2 * m, dy.data.as_ref(), m, self.resid);
+        for j in 0..2 * m {
+            let (d, gh) = (c.d.col_as_slice(j), dy.data.col_as_slice(j % m));
+            let out = dx.col_as_slice_mut(j);
+            for_rows(dy.n, dy.r, dy.pos, |row, cr| out[row] = gh[row] * d[cr]);
+        }
+        Batch::new(dy.n, dy.r, dy.pos, dx)
     }
 
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
-        self.scale(c, dx)
+        if !self.gated {
+            return self.scale(c, dx);
+        }
+        let c = cache::<MlpActCache>(c, "mlp act");
+        let m = self.width;
+        let mut t = Mat::zeros(dx.rows(), self.out_features());
+        copy_cols(&mut t, m, dx.data.as_ref(), 2 * m, self.resid);
+        for j in 0..m {
+            let (dg, du) = (c.d.col_as_slice(j), c.d.col_as_slice(m + j));
+            let (tg, tu) = (dx.data.col_as_slice(j), dx.data.col_as_slice(m + j));
+            let out = t.col_as_slice_mut(j);
+            for_rows(dx.n, dx.r, dx.pos, |row, cr| {
+                out[row] = dg[cr] * tg[row] + du[cr] * tu[row]
+            });
+        }
+        Batch::new(dx.n, dx.r, dx.pos, t)
     }
 }
 

@@ -78,14 +78,20 @@ fn random_tensors(c: Cfg, seed: u64) -> Tensors {
     t
 }
 
-fn random_tokens(n: usize, pos: usize, vocab: usize, seed: u64) -> Vec<Vec<usize>> {
+pub(super) fn random_tokens(n: usize, pos: usize, vocab: usize, seed: u64) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| (0..pos).map(|_| rng.random_range(0..vocab)).collect())
         .collect()
 }
 
-fn random_batch(n: usize, r: usize, pos: usize, f: usize, rng: &mut ChaCha8Rng) -> Batch {
+pub(super) fn random_batch(
+    n: usize,
+    r: usize,
+    pos: usize,
+    f: usize,
+    rng: &mut ChaCha8Rng,
+) -> Batch {
     let data = Mat::from_fn(n * r * pos, f, |_, _| rng.random_range(-1.0..1.0));
     Batch::new(n, r, pos, data)
 }
@@ -161,7 +167,7 @@ fn folded_model_matches_unfolded_forward_and_carries_the_bias() {
 /// differences (each input coordinate perturbed in every sample at once: samples are
 /// independent), with `r` random tangents / cotangents per sample, and `<vjp(u), t> ==
 /// <u, jvp(t)>`.
-fn check_section(sec: &Section, x: &Batch, r: usize, what: &str, rng: &mut ChaCha8Rng) {
+pub(super) fn check_section(sec: &Section, x: &Batch, r: usize, what: &str, rng: &mut ChaCha8Rng) {
     let (y, caches) = sec.forward(x);
     let (n, pin, fin) = (x.n, x.pos, x.features());
     let (pout, fout) = (y.pos, y.features());
