@@ -955,8 +955,8 @@ fn lm_options_deserialise_strictly() {
     assert!(toml::from_str::<LmOptions>("fold_norm = true").is_err());
 }
 
-/// The gated MLP activation and the rotary attention on random points, beyond the models'
-/// own activations: a wide range of pre-activations.
+/// The gated MLP activation on random points, beyond the models' own pre-activations: a wide
+/// range of gate values (the rotary and windowed attention are checked inside the models).
 #[test]
 fn gated_activation_matches_finite_differences_on_random_points() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
