@@ -55,22 +55,26 @@ impl Default for LmOptions {
 }
 
 /// Loads a Hugging Face checkpoint: `path` is its directory (with `config.json` and
-/// `model.safetensors`, or safetensors shards listed in `model.safetensors.index.json`) or
-/// the `config.json` itself.
+/// `model.safetensors`, or safetensors shards listed in `model.safetensors.index.json`), its
+/// `config.json`, or its `.safetensors` file (the config beside it).
 pub fn load_hf(path: &Path, opts: &LmOptions) -> anyhow::Result<Model> {
+    let beside = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let config = read_json(&beside(path).join("config.json"))?;
+        let file = path.display().to_string();
+        return hf_model_from_tensors(&config, load_safetensors(path)?, opts, &file);
+    }
     let (config_path, dir) = if path.is_dir() {
         (path.join("config.json"), path.to_path_buf())
     } else {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        (path.to_path_buf(), dir.to_path_buf())
+        (path.to_path_buf(), beside(path))
     };
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let config = read_json(&config_path)?;
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let (tensors, file) = if single.exists() || !index.exists() {
@@ -81,12 +85,16 @@ pub fn load_hf(path: &Path, opts: &LmOptions) -> anyhow::Result<Model> {
     hf_model_from_tensors(&config, tensors, opts, &file)
 }
 
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
 /// Reads every shard an index's `weight_map` names into one map.
 fn load_shards(index: &Path) -> anyhow::Result<Tensors> {
     let shown = index.display();
-    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {shown}"))?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{shown} is not valid JSON"))?;
+    let v = read_json(index)?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -404,7 +412,30 @@ pub fn hf_model_from_tensors(
         file: file.to_string(),
     };
     let ends = read_ends(&mut w, &spec, &cfg)?;
-    build_transformer(&spec.arch, ends, |k| read_block(&mut w, &spec, k))
+    let model = build_transformer(&spec.arch, ends, |k| read_block(&mut w, &spec, k))?;
+    // Every weight the architecture reads was moved out: what is left must be a buffer, or the
+    // config does not describe the checkpoint (e.g. biases it says are absent).
+    if let Some(name) = w.t.keys().find(|n| !is_buffer(n)) {
+        bail!(
+            "{file}: tensor `{name}` is not used by the {} architecture the config describes \
+             (check e.g. attention_bias, mlp_bias, tie_word_embeddings)",
+            family.name()
+        );
+    }
+    Ok(model)
+}
+
+/// Non-weight tensors some checkpoints carry: causal-mask buffers and rotary frequencies.
+fn is_buffer(name: &str) -> bool {
+    [
+        ".attn.bias",
+        ".attn.masked_bias",
+        ".attention.bias",
+        ".attention.masked_bias",
+        ".rotary_emb.inv_freq",
+    ]
+    .iter()
+    .any(|suffix| name.ends_with(suffix))
 }
 
 /// `d_model / n_heads`, which must divide.
@@ -673,6 +704,10 @@ fn read_ends(w: &mut Weights, spec: &Spec, cfg: &Config) -> anyhow::Result<Ends>
         None => None,
     };
     let tied = cfg.bool_or("tie_word_embeddings", tie_default)?;
+    if tied {
+        // Some files store the tied head anyway: the token embedding is used.
+        w.t.remove(head);
+    }
     let unembed = w.unembed(tied.then_some(&w_e), head, d, v)?;
     let ln_final = Some(w.norm(final_norm, d, kind)?);
     Ok(Ends {

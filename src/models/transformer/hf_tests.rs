@@ -841,6 +841,18 @@ fn loader_errors_are_one_line_naming_the_tensor_or_key() {
     ck.config["num_key_value_heads"] = json!(3);
     assert!(load_err(&ck).contains("num_key_value_heads"));
 
+    // Biases the config says are absent.
+    let mut ck = llama.clone();
+    ck.tensors.insert(
+        "model.layers.0.self_attn.q_proj.bias".into(),
+        HostTensor::new(vec![16], vec![0.1; 16]),
+    );
+    let e = load_err(&ck);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.bias") && e.contains("attention_bias"),
+        "{e}"
+    );
+
     let mut ck = gpt2.clone();
     ck.config["activation_function"] = json!("mish");
     assert!(load_err(&ck).contains("activation_function"));
@@ -878,6 +890,20 @@ fn shorter_context_and_architecture_name_dispatch() {
     let seqs = random_tokens(2, SEQ, VOCAB, 8);
     assert!(worst_vs_reference(Family::Gpt2, &ck, &model, &seqs) < 1e-10);
     assert_eq!(model.name, "gpt2");
+}
+
+#[test]
+fn tied_head_stored_anyway_and_safetensors_path() {
+    let mut ck = checkpoint(Family::Llama { tied: true }, 85);
+    let mut head = ck.tensors["model.embed_tokens.weight"].clone();
+    head.data[0] += 1.0; // ignored: the token embedding is the head
+    ck.tensors.insert("lm_head.weight".into(), head);
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(&ck, dir.path());
+    let model = load_hf(&dir.path().join("model.safetensors"), &LmOptions::default()).unwrap();
+    let seqs = random_tokens(2, SEQ, VOCAB, 10);
+    ck.tensors.remove("lm_head.weight");
+    assert!(worst_vs_reference(Family::Llama { tied: true }, &ck, &model, &seqs) < 1e-10);
 }
 
 #[test]
@@ -929,8 +955,8 @@ fn lm_options_deserialise_strictly() {
     assert!(toml::from_str::<LmOptions>("fold_norm = true").is_err());
 }
 
-/// The gated MLP activation and the rotary attention on random points, beyond the models'
-/// own activations: a wide range of pre-activations.
+/// The gated MLP activation on random points, beyond the models' own pre-activations: a wide
+/// range of gate values (the rotary and windowed attention are checked inside the models).
 #[test]
 fn gated_activation_matches_finite_differences_on_random_points() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
