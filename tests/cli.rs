@@ -193,6 +193,9 @@ fn plan_prints_a_step_per_basis_and_edge_matrix() {
         assert!(out.contains(step), "{step:?} missing from {out}");
     }
     // The MLP section has the E[d d^T] closed form, the unembedding is linear.
-    assert!(out.contains("closed form, E[d d^T]") && out.contains("linear section"), "{out}");
+    assert!(
+        out.contains("closed form, E[d d^T]") && out.contains("linear section"),
+        "{out}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -517,9 +517,10 @@ fn cotangents(
         }
         (np, Some(nh)) => {
             // Hidden sources: a signed sum over features, at one position (or at all, with signs
-            // over positions too when both kinds are requested).
+            // over positions too when both kinds are requested): the rows are S Q^T for a sign
+            // matrix S (zero rows where the vector is at another position), one GEMM.
             let r = np.map(|p| p * nh).unwrap_or(nh * pos);
-            let mut data = Mat::zeros(n * r * pos, d);
+            let mut signs = Mat::zeros(n * r * pos, n_lib);
             for x in 0..n {
                 for v in 0..r {
                     for t in 0..pos {
@@ -528,15 +529,12 @@ fn cotangents(
                         }
                         let row = (x * r + v) * pos + t;
                         for i in 0..n_lib {
-                            let s = sign();
-                            for j in 0..d {
-                                data[(row, j)] += s * qt[(i, j)];
-                            }
+                            signs[(row, i)] = sign();
                         }
                     }
                 }
             }
-            Batch::new(n, r, pos, data)
+            Batch::new(n, r, pos, mm(signs.as_ref(), qt.as_ref()))
         }
     }
 }

@@ -10,7 +10,7 @@ use super::pass::{activations_at, fold};
 use super::section::{classify, PartialAct, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
-use crate::models::{Model, Section};
+use crate::models::{Model, Module, Section, Structure};
 use crate::tensor::linalg::{gemm, mm};
 use crate::tensor::Batch;
 use faer::Mat;
@@ -46,6 +46,22 @@ pub fn edges(
         .c
         .clone()
         .unwrap_or_else(|| Mat::identity(basis_out.d_orig, basis_out.d_orig));
+    if cfg.edge_formula == EdgeFormula::Squared {
+        if let Some(norm) = norm_section(&model.modules[from..to]) {
+            return Ok(norm_edges(
+                model,
+                data,
+                cfg,
+                from,
+                &c,
+                &c_pinv,
+                &q,
+                norm,
+                points,
+                &layers[l].name,
+            ));
+        }
+    }
     if matches!(
         cfg.edge_formula,
         EdgeFormula::Squared | EdgeFormula::Stochastic
@@ -103,6 +119,10 @@ pub fn edge_path(
     n_out: usize,
 ) -> String {
     let (from, to) = (layers[l].index, layers[l + 1].index);
+    if cfg.edge_formula == EdgeFormula::Squared && norm_section(&model.modules[from..to]).is_some()
+    {
+        return "closed form, layer-norm section".into();
+    }
     if matches!(
         cfg.edge_formula,
         EdgeFormula::Squared | EdgeFormula::Stochastic
@@ -116,6 +136,257 @@ pub fn edge_path(
         }
     }
     format!("JVP, {n_in} tangents per sample")
+}
+
+/// The half of a layer norm a section consists of (identities aside), if that is all it is.
+#[derive(Clone, Copy, Debug)]
+enum Norm {
+    Var {
+        carried: usize,
+        width: usize,
+        centre: bool,
+    },
+    Out {
+        carried: usize,
+        width: usize,
+        centre: bool,
+        eps: f64,
+        keep_resid: bool,
+    },
+}
+
+fn norm_section(modules: &[Box<dyn Module>]) -> Option<Norm> {
+    let mut active = modules.iter().filter(|m| !m.is_identity());
+    let m = active.next()?;
+    if active.next().is_some() {
+        return None;
+    }
+    match m.structure() {
+        Structure::NormVar {
+            carried,
+            width,
+            centre,
+        } => Some(Norm::Var {
+            carried,
+            width,
+            centre,
+        }),
+        Structure::NormOut {
+            carried,
+            width,
+            centre,
+            eps,
+            keep_resid,
+        } => Some(Norm::Out {
+            carried,
+            width,
+            centre,
+            eps,
+            keep_resid,
+        }),
+        _ => None,
+    }
+}
+
+/// Squared edges of a layer-norm half in closed form (method.md section 11: the Jacobian per
+/// position is a fixed map plus per-position scalars and a rank-one term, so the JVP per input
+/// feature, and its projection onto the next basis, is never formed).
+///
+/// With `T_t = C_pinv J_t Q` (`n_in x n_out`) at position row `t`, `E_ij = 1/rows sum_t
+/// fhat_tj^2 Tbar_t[j, i]^2`, `Tbar_t = sum_p w_p T_t(a_p fhat C_pinv)`:
+///
+/// - `lnX`, `(c, x) -> (var, c, x)`: `J_t = P + g_t e_var^T` (`P` passes every input on,
+///   `g_t = 2 c_t / D` on the non-bias residual, `c_t` centred or raw), and `g` is linear in
+///   the input, so `Tbar_t = A + kappa u_t w^T` with `A = C_pinv P Q`, `u_t = C_pinv g_t`,
+///   `w = Q[var, :]`, `kappa = sum_p w_p a_p`.
+/// - `lnX_out`, `(var, c, x) -> (y, c, x)`: `J_t = sigma_t K + P + e_var (beta_t c_t^T) E_y`
+///   (`K` the centring map `I - 11^T / D` (or `I`) from `x` to `y`, `P` the bias and
+///   pass-through), so `Tbar_t = s_t A1 + A0 + u vbar_t^T` with `A1 = C_pinv K Q`,
+///   `A0 = C_pinv P Q`, `u = C_pinv[:, var]`, `s_t = sum_p w_p sigma(a_p var_t)`,
+///   `vbar_t = (sum_p w_p a_p beta(a_p var_t)) Q_y^T c_t`.
+///
+/// Squaring and summing over `t` leaves per-feature sums and three `n_in x n_out` GEMMs.
+#[allow(clippy::too_many_arguments)]
+fn norm_edges(
+    model: &Model,
+    data: &dyn Dataset,
+    cfg: &LibConfig,
+    from: usize,
+    c: &Mat<f64>,
+    c_pinv: &Mat<f64>,
+    q: &Mat<f64>,
+    norm: Norm,
+    points: &[(f64, f64)],
+    name: &str,
+) -> Mat<f64> {
+    let (d_in, n_in, n_out) = (c.nrows(), c.ncols(), q.ncols());
+    let kappa: f64 = points.iter().map(|&(a, w)| a * w).sum();
+    // Columns of the residual's non-bias coordinates in the input, and of `y` in the output.
+    let (x0, width) = match norm {
+        Norm::Var { carried, width, .. } => (carried, width),
+        Norm::Out { carried, width, .. } => (1 + carried, width),
+    };
+    let d = width - 1;
+    let centre = match norm {
+        Norm::Var { centre, .. } | Norm::Out { centre, .. } => centre,
+    };
+    // The pass-through map P (d_in x d_out) and, for lnX_out, the centring map K.
+    let d_out = q.nrows();
+    let mut pass = Mat::<f64>::zeros(d_in, d_out);
+    let mut k_map = Mat::<f64>::zeros(d_in, d_out);
+    match norm {
+        Norm::Var { .. } => {
+            for i in 0..d_in {
+                pass[(i, 1 + i)] = 1.0;
+            }
+        }
+        Norm::Out {
+            carried,
+            keep_resid,
+            ..
+        } => {
+            pass[(x0 + d, d)] = 1.0;
+            if keep_resid {
+                for i in 0..carried + width {
+                    pass[(1 + i, width + i)] = 1.0;
+                }
+            }
+            let m = if centre { 1.0 / d as f64 } else { 0.0 };
+            for i in 0..d {
+                for j in 0..d {
+                    k_map[(x0 + i, j)] = if i == j { 1.0 - m } else { -m };
+                }
+            }
+        }
+    }
+    let a0 = mm(mm(c_pinv.as_ref(), pass.as_ref()).as_ref(), q.as_ref());
+    let a1 = mm(mm(c_pinv.as_ref(), k_map.as_ref()).as_ref(), q.as_ref());
+    // Var: w = Q[0, :]; Out: u = C_pinv[:, 0], Q_y = Q[0..d, :].
+    let w_var: Vec<f64> = (0..n_out).map(|i| q[(0, i)]).collect();
+    let u_var: Vec<f64> = (0..n_in).map(|j| c_pinv[(j, 0)]).collect();
+    let c_pinv_x = c_pinv.subcols(x0, d).transpose().to_owned();
+    let q_y = q.subrows(0, d).to_owned();
+
+    // Per feature j: sums over rows of fhat^2 (s0), and for lnX of fhat^2 u (s1), fhat^2 u^2
+    // (s2); for lnX_out of fhat^2 s (s1), fhat^2 s^2 (s2), and the GEMMs G0 = F2^T vbar,
+    // G1 = (F2 s)^T vbar, G2 = F2^T vbar^2.
+    type Acc = (Vec<f64>, Vec<f64>, Vec<f64>, [Mat<f64>; 3], f64);
+    let init = || -> Acc {
+        (
+            vec![0.0; n_in],
+            vec![0.0; n_in],
+            vec![0.0; n_in],
+            std::array::from_fn(|_| Mat::zeros(n_in, n_out)),
+            0.0,
+        )
+    };
+    let acc = fold(
+        data,
+        cfg.batch_size,
+        &format!("edges from {name}"),
+        init,
+        |acc, _, range| {
+            let f = activations_at(model, data, from, range);
+            let rows = f.rows();
+            let fhat = mm(f.data.as_ref(), c.as_ref());
+            let proj = mm(fhat.as_ref(), c_pinv.as_ref());
+            let mut f2 = fhat;
+            for j in 0..n_in {
+                f2.col_as_slice_mut(j).iter_mut().for_each(|v| *v *= *v);
+            }
+            // Centred (or raw) non-bias residual coordinates of the evaluation point.
+            let mut cx = proj.subcols(x0, d).to_owned();
+            if centre {
+                for r in 0..rows {
+                    let m = (0..d).map(|i| cx[(r, i)]).sum::<f64>() / d as f64;
+                    for i in 0..d {
+                        cx[(r, i)] -= m;
+                    }
+                }
+            }
+            match norm {
+                Norm::Var { .. } => {
+                    // u_t = C_pinv g_t with g_t = 2 c_t / D.
+                    let u = mm(cx.as_ref(), c_pinv_x.as_ref()) * faer::Scale(2.0 / d as f64);
+                    for j in 0..n_in {
+                        let (fj, uj) = (f2.col_as_slice(j), u.col_as_slice(j));
+                        for (fv, uv) in fj.iter().zip(uj) {
+                            acc.0[j] += fv;
+                            acc.1[j] += fv * uv;
+                            acc.2[j] += fv * uv * uv;
+                        }
+                    }
+                }
+                Norm::Out { eps, .. } => {
+                    let var = proj.col_as_slice(0);
+                    let (mut s, mut b) = (vec![0.0; rows], vec![0.0; rows]);
+                    for r in 0..rows {
+                        for &(a, w) in points {
+                            let v = a * var[r];
+                            let sigma = 1.0 / (v.max(0.0) + eps).sqrt();
+                            s[r] += w * sigma;
+                            if v >= 0.0 {
+                                b[r] += w * a * (-0.5 * sigma * sigma * sigma);
+                            }
+                        }
+                    }
+                    let mut vbar = mm(cx.as_ref(), q_y.as_ref());
+                    for i in 0..n_out {
+                        for (v, br) in vbar.col_as_slice_mut(i).iter_mut().zip(&b) {
+                            *v *= br;
+                        }
+                    }
+                    let mut f2s = f2.clone();
+                    for j in 0..n_in {
+                        let (fj, gj) = (f2.col_as_slice(j), f2s.col_as_slice_mut(j));
+                        for ((fv, gv), sv) in fj.iter().zip(gj.iter_mut()).zip(&s) {
+                            acc.0[j] += fv;
+                            acc.1[j] += fv * sv;
+                            acc.2[j] += fv * sv * sv;
+                            *gv = fv * sv;
+                        }
+                    }
+                    let vbar2 = Mat::from_fn(rows, n_out, |r, i| vbar[(r, i)] * vbar[(r, i)]);
+                    let add = faer::Accum::Add;
+                    gemm(acc.3[0].as_mut(), add, f2.transpose(), vbar.as_ref());
+                    gemm(acc.3[1].as_mut(), add, f2s.transpose(), vbar.as_ref());
+                    gemm(acc.3[2].as_mut(), add, f2.transpose(), vbar2.as_ref());
+                }
+            }
+            acc.4 += rows as f64;
+        },
+        |mut a, b| {
+            for k in 0..n_in {
+                a.0[k] += b.0[k];
+                a.1[k] += b.1[k];
+                a.2[k] += b.2[k];
+            }
+            for (x, y) in a.3.iter_mut().zip(&b.3) {
+                *x += y;
+            }
+            a.4 += b.4;
+            a
+        },
+    );
+    let (s0, s1, s2, g, rows) = acc;
+    Mat::from_fn(n_out, n_in, |i, j| {
+        let e = match norm {
+            Norm::Var { .. } => {
+                let (a, w) = (a0[(j, i)], kappa * w_var[i]);
+                a * a * s0[j] + 2.0 * a * w * s1[j] + w * w * s2[j]
+            }
+            Norm::Out { .. } => {
+                let (p, r, u) = (a1[(j, i)], a0[(j, i)], u_var[j]);
+                p * p * s2[j]
+                    + r * r * s0[j]
+                    + 2.0 * p * r * s1[j]
+                    + u * u * g[2][(j, i)]
+                    + 2.0 * p * u * g[1][(j, i)]
+                    + 2.0 * r * u * g[0][(j, i)]
+            }
+        };
+        e / rows
+    })
 }
 
 /// Sum over rows of `fhat^2`, per feature, and the row count.
@@ -342,8 +613,8 @@ fn jvp_edges(
                                     for t in 0..pos_out {
                                         let row = (x * nb + j) * pos_out + t;
                                         for i in 0..n_out {
-                                            let diff = yf[(x * pos_out + t, i)]
-                                                - yp[(x * pos_out + t, i)];
+                                            let diff =
+                                                yf[(x * pos_out + t, i)] - yp[(x * pos_out + t, i)];
                                             acc.0[(i, j0 + j)] += 2.0 * w * diff * out[(row, i)];
                                         }
                                     }

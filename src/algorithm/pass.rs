@@ -7,9 +7,9 @@ use super::NodeLayer;
 use crate::data::Dataset;
 use crate::models::Model;
 use crate::tensor::Batch;
+use faer::Mat;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use faer::Mat;
 use std::ops::Range;
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

@@ -84,7 +84,9 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                     .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
                 dense = Some((w, PartialAct { act, width }));
             }
-            Structure::General => return Shape::General,
+            Structure::NormVar { .. } | Structure::NormOut { .. } | Structure::General => {
+                return Shape::General
+            }
         }
     }
     match (pre, dense) {

@@ -337,7 +337,9 @@ pub fn load_tokenizer(spec: &str) -> anyhow::Result<Box<dyn Tokenizer>> {
         bail!("tokenizer `{spec}`: expected `gpt2` or the path of a .gguf file");
     }
     let g = crate::io::gguf::read_gguf(path)?;
-    Ok(Box::new(crate::data::gguf_tokenizer::GgufTokenizer::from_gguf(&g, spec)?))
+    Ok(Box::new(
+        crate::data::gguf_tokenizer::GgufTokenizer::from_gguf(&g, spec)?,
+    ))
 }
 
 /// The first `n` samples of `d` (all of them when `n` is `None` or too large).

@@ -136,10 +136,7 @@ pub fn run_pipeline(
     timings.push(("Fourier labels".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let html = out.join("report.html");
-    let titled: Vec<(&str, &Graph)> = ["LIB", "PCA", "neurons"]
-        .into_iter()
-        .zip(&graphs)
-        .collect();
+    let titled: Vec<(&str, &Graph)> = ["LIB", "PCA", "neurons"].into_iter().zip(&graphs).collect();
     let clusters = write_full_report(
         &html,
         &lib_cfg,

@@ -1350,6 +1350,29 @@ fn hf_name(name: &str, layers: usize) -> anyhow::Result<String> {
     })
 }
 
+/// The Q/K row permutation of llama.cpp's converter (HF `rotate_half` order to adjacent pairs),
+/// written as numpy's `w.reshape(n_head, 2, out / n_head / 2, in).swapaxes(1, 2)`: tests use it
+/// to write GGUF files the way llama.cpp does, independently of [`unpermute_qk`].
+#[cfg(test)]
+pub(crate) fn permute_like_llama_cpp(w: &HostTensor, n_head: usize) -> HostTensor {
+    let (out, cols) = (w.shape[0], w.shape[1]);
+    let half = out / n_head / 2;
+    // a[h][j][i][c] = w[((h * 2 + j) * half + i) * cols + c]; b = a.swapaxes(1, 2), so
+    // b[h][i][j][c] = a[h][j][i][c], stored at ((h * half + i) * 2 + j) * cols + c.
+    let mut data = vec![0.0; w.data.len()];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                for c in 0..cols {
+                    data[((h * half + i) * 2 + j) * cols + c] =
+                        w.data[((h * 2 + j) * half + i) * cols + c];
+                }
+            }
+        }
+    }
+    HostTensor::new(w.shape.clone(), data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1744,25 +1767,6 @@ mod tests {
 
     /// HF -> GGUF row order of llama.cpp's converter, written as the numpy it does:
     /// `w.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).reshape(out, in)`.
-    fn permute_like_llama_cpp(w: &HostTensor, n_head: usize) -> HostTensor {
-        let (out, cols) = (w.shape[0], w.shape[1]);
-        let half = out / n_head / 2;
-        // a[h][j][i][c] = w[((h * 2 + j) * half + i) * cols + c]; b = a.swapaxes(1, 2), so
-        // b[h][i][j][c] = a[h][j][i][c], stored at ((h * half + i) * 2 + j) * cols + c.
-        let mut data = vec![0.0; w.data.len()];
-        for h in 0..n_head {
-            for j in 0..2 {
-                for i in 0..half {
-                    for c in 0..cols {
-                        data[((h * half + i) * 2 + j) * cols + c] =
-                            w.data[((h * 2 + j) * half + i) * cols + c];
-                    }
-                }
-            }
-        }
-        HostTensor::new(w.shape.clone(), data)
-    }
-
     #[test]
     fn q_and_k_rows_are_unpermuted_exactly() {
         for (n_head, hd, cols) in [(2, 4, 3), (3, 8, 5), (1, 6, 2)] {

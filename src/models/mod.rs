@@ -41,6 +41,23 @@ pub enum Structure<'a> {
     /// `y_k = act(x_k)` for the first `width` features, `y_k = x_k` for the rest, at every
     /// position (an MLP activation carrying the residual stream alongside).
     Elementwise { act: Activation, width: usize },
+    /// `lnX` (method.md section 9): input `(c, x)` (`carried` side-stream features, then the
+    /// residual `x` of `width` features, bias last), output `(var, c, x)`, where
+    /// `var = 1/D sum_{i<D} c_i^2` of the centred (`centre`) or raw non-bias coordinates.
+    NormVar {
+        carried: usize,
+        width: usize,
+        centre: bool,
+    },
+    /// `lnX_out` without affine weights: input `(var, c, x)`, output `(y, c, x)` (or `y` alone
+    /// without `keep_resid`), `y_i = c_i (relu(var) + eps)^{-1/2}` for `i < D`, `y_D = x_D`.
+    NormOut {
+        carried: usize,
+        width: usize,
+        centre: bool,
+        eps: f64,
+        keep_resid: bool,
+    },
     /// Anything else.
     General,
 }

@@ -977,3 +977,190 @@ fn gated_activation_matches_finite_differences_on_random_points() {
     }
     check_section(&sec, &x, 3, "gated silu", &mut rng);
 }
+
+/// The llama.cpp name of a Hugging Face Llama tensor.
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.").expect("a block tensor");
+            let (k, part) = rest.split_once('.').unwrap();
+            let g = match part {
+                "input_layernorm.weight" => "attn_norm.weight",
+                "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.o_proj.weight" => "attn_output.weight",
+                "post_attention_layernorm.weight" => "ffn_norm.weight",
+                "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.down_proj.weight" => "ffn_down.weight",
+                other => panic!("unexpected tensor {other}"),
+            };
+            format!("blk.{k}.{g}")
+        }
+    }
+}
+
+/// A Llama checkpoint written as llama.cpp writes GGUF files (F16 matrices, F32 norms, Q/K
+/// rows permuted) loads, through the GGUF reader and the Hugging Face builder, to logits equal
+/// to the reference forward pass on the same rounded weights in Hugging Face order.
+#[test]
+fn llama_gguf_matches_the_reference_forward() {
+    use crate::io::gguf::{
+        f64_to_f16, llama_from_gguf, permute_like_llama_cpp, read_gguf, write_gguf, GgufType,
+        GgufValue,
+    };
+    use crate::io::weights::f16_to_f64;
+    let seqs = random_tokens(3, SEQ, VOCAB, 7);
+    for tied in [true, false] {
+        let ck = checkpoint(Family::Llama { tied }, 40 + tied as u64);
+        let cfg = &ck.config;
+        let int = |k: &str| cfg[k].as_u64().unwrap() as u32;
+        let (heads, kv_heads) = (
+            int("num_attention_heads") as usize,
+            int("num_key_value_heads") as usize,
+        );
+        let mut reference = ck.clone();
+        let mut stored = Vec::new();
+        for (name, t) in &ck.tensors {
+            let (ty, data): (GgufType, Vec<f64>) = if t.shape.len() == 2 {
+                let r = t.data.iter().map(|&x| f16_to_f64(f64_to_f16(x))).collect();
+                (GgufType::F16, r)
+            } else {
+                (
+                    GgufType::F32,
+                    t.data.iter().map(|&x| x as f32 as f64).collect(),
+                )
+            };
+            let rounded = HostTensor::new(t.shape.clone(), data);
+            reference.tensors.insert(name.clone(), rounded.clone());
+            let on_disk = if name.ends_with("q_proj.weight") {
+                permute_like_llama_cpp(&rounded, heads)
+            } else if name.ends_with("k_proj.weight") {
+                permute_like_llama_cpp(&rounded, kv_heads)
+            } else {
+                rounded
+            };
+            stored.push((gguf_name(name), t.shape.clone(), ty, on_disk.data));
+        }
+        let mut meta = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: GgufValue| {
+            meta.insert(k.to_string(), v);
+        };
+        put("general.architecture", GgufValue::String("llama".into()));
+        put("llama.embedding_length", GgufValue::U32(int("hidden_size")));
+        put(
+            "llama.feed_forward_length",
+            GgufValue::U32(int("intermediate_size")),
+        );
+        put(
+            "llama.block_count",
+            GgufValue::U32(int("num_hidden_layers")),
+        );
+        put("llama.attention.head_count", GgufValue::U32(heads as u32));
+        put(
+            "llama.attention.head_count_kv",
+            GgufValue::U32(kv_heads as u32),
+        );
+        put(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        );
+        put(
+            "llama.rope.freq_base",
+            GgufValue::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        );
+        put(
+            "llama.context_length",
+            GgufValue::U32(int("max_position_embeddings")),
+        );
+        put("llama.vocab_size", GgufValue::U32(int("vocab_size")));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &meta, &stored).unwrap();
+        let g = read_gguf(&path).unwrap();
+        let (config, tensors) = llama_from_gguf(&g, "tiny.gguf").unwrap();
+        for fold in [true, false] {
+            let model =
+                hf_model_from_tensors(&config, tensors.clone(), &opts(fold, None), "tiny.gguf")
+                    .unwrap();
+            let worst = worst_vs_reference(Family::Llama { tied }, &reference, &model, &seqs);
+            eprintln!("GGUF llama tied={tied} fold_norms={fold}: worst logit error {worst:.1e}");
+            assert!(worst < 1e-10, "GGUF llama tied={tied}: {worst:e}");
+        }
+    }
+}
+
+/// Token sequences as a dataset (for LIB builds on the tiny checkpoints).
+struct Sequences(Vec<Vec<usize>>);
+
+impl crate::data::Dataset for Sequences {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn inputs(&self, range: std::ops::Range<usize>) -> crate::tensor::Batch {
+        tokens_batch(&self.0[range])
+    }
+    fn labels(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        self.0[range].iter().map(|s| s[s.len() - 1]).collect()
+    }
+    fn describe(&self) -> String {
+        format!("{} random sequences", self.0.len())
+    }
+}
+
+/// The closed-form squared edges of layer-norm halves (layer norm with a carried attention
+/// stream in parallel GPT-NeoX blocks, RMS norm in Llama) equal the general JVP path, for the
+/// gradient rule and for Gauss-Legendre points (where the norm is not homogeneous).
+#[test]
+fn norm_section_edges_equal_the_general_path() {
+    use crate::algorithm::{build, integration, BasisFormula, LibConfig};
+    let data = Sequences(random_tokens(24, SEQ, VOCAB, 3));
+    let layers = [
+        "ln1.0",
+        "ln1_out.0",
+        "attn_in.0",
+        "ln2.0",
+        "ln2_out.0",
+        "mlp_in.0",
+        "ln1.1",
+    ];
+    for family in [
+        Family::GptNeoX { parallel: true },
+        Family::Llama { tied: true },
+        Family::Gpt2,
+    ] {
+        let ck = checkpoint(family, 77);
+        for (rule, n) in [
+            (integration::Rule::Gradient, 0),
+            (integration::Rule::GaussLegendre, 2),
+        ] {
+            let cfg = LibConfig {
+                node_layers: layers.iter().map(|s| s.to_string()).collect(),
+                basis_formula: BasisFormula::Jacobian,
+                center: true,
+                tau: 1e-12,
+                integration_rule: rule,
+                n_intervals: n,
+                batch_size: 5,
+                ..Default::default()
+            };
+            let model = load(&ck, &opts(true, None), true);
+            let fast = build(&model, &data, &cfg).unwrap();
+            let slow = build(&model.opaque(), &data, &cfg).unwrap();
+            for (l, (a, b)) in fast.edges.iter().zip(&slow.edges).enumerate() {
+                let d: faer::Mat<f64> = a - b;
+                let rel = d.norm_l2() / b.norm_l2();
+                assert!(
+                    rel <= 1e-9,
+                    "{family:?} {rule:?} edges {} -> {}: relative difference {rel:e}",
+                    layers[l],
+                    layers[l + 1]
+                );
+            }
+        }
+    }
+}

@@ -422,6 +422,13 @@ impl Module for LnVar {
     fn out_features(&self) -> usize {
         1 + self.in_features()
     }
+    fn structure(&self) -> Structure<'_> {
+        Structure::NormVar {
+            carried: self.carried,
+            width: self.width,
+            centre: self.kind.centres(),
+        }
+    }
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
         let (d, rows, fin) = (self.width - 1, x.rows(), self.in_features());
@@ -556,6 +563,18 @@ impl Module for LnOut {
             self.width + self.passed()
         } else {
             self.width
+        }
+    }
+    fn structure(&self) -> Structure<'_> {
+        match self.affine {
+            Some(_) => Structure::General,
+            None => Structure::NormOut {
+                carried: self.carried,
+                width: self.width,
+                centre: self.kind.centres(),
+                eps: self.eps,
+                keep_resid: self.keep_resid,
+            },
         }
     }
 
