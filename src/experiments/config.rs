@@ -20,6 +20,28 @@ pub struct RunConfig {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub lib: LibConfig,
+    /// Settings of `ibasis run`'s ablations (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiments: Option<ExperimentConfig>,
+}
+
+/// How `ibasis run` ablates (defaults: every node layer, the whole test split, every feature
+/// count up to 20 then doubling; language models: 16 held-out chunks).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Node layers to ablate.
+    #[serde(default)]
+    pub ablate_node_layers: Option<Vec<String>>,
+    /// Test samples each ablation is scored on.
+    #[serde(default)]
+    pub eval_samples: Option<usize>,
+    /// Every feature count up to this one is tried...
+    #[serde(default)]
+    pub schedule_cutoff: Option<usize>,
+    /// ...then counts growing by this factor.
+    #[serde(default)]
+    pub schedule_base: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -68,16 +68,23 @@ pub fn run_pipeline(
     // evaluation runs the whole model), no neuron graph, no edge bisection.
     let test = load_data(&lib_cfg.with_split(Split::Test))?;
     let lm = test.next_token_targets();
-    let test = if lm {
-        limit(test, Some(LM_EVAL_CHUNKS))
-    } else {
-        test
-    };
+    let exp = lib_cfg.experiments.clone().unwrap_or_default();
+    let eval_samples = exp.eval_samples.or(lm.then_some(LM_EVAL_CHUNKS));
+    let test = limit(test, eval_samples);
     let mut runs = vec![
         ("lib", lib_cfg.clone()),
+        // Language models: PCA edges would cost as much as LIB's and nothing uses them.
         (
             "pca",
-            variant(BasisFormula::Svd, true, lib_cfg.lib.edge_formula),
+            variant(
+                BasisFormula::Svd,
+                true,
+                if lm {
+                    EdgeFormula::None
+                } else {
+                    lib_cfg.lib.edge_formula
+                },
+            ),
         ),
     ];
     if !lm {
@@ -100,13 +107,13 @@ pub fn run_pipeline(
     let node_settings = AblationSettings {
         kind: super::ablate::AblationKind::Node,
         schedule: Schedule::Exponential,
-        cutoff: 20,
-        base: 2.0,
+        cutoff: exp.schedule_cutoff.unwrap_or(20),
+        base: exp.schedule_base.unwrap_or(2.0),
         step: 1,
         delta,
         split: Split::Test,
         metric,
-        node_layers: None,
+        node_layers: exp.ablate_node_layers.clone(),
         batch_size: 1024,
     };
     let mut node_results = Vec::new();
