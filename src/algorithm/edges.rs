@@ -546,11 +546,25 @@ fn jvp_edges(
             &Batch::new(1, n_lib, 1, c_pinv.clone()),
         )
         .data;
+    // Likewise the fixed linear suffix (an MLP's output projection and residual add) is one
+    // matrix, folded into the projection onto the next basis: `sq = W_suffix Q`.
+    let m = tail.modules.len() - tail.fixed_linear_suffix().min(tail.modules.len());
+    let (mid, suffix) = tail.split_at(m);
+    let sq = if suffix.modules.is_empty() {
+        q.clone()
+    } else {
+        let d_mid = suffix.modules[0].in_features();
+        let w = suffix.jvp(
+            &Section::no_caches(suffix.modules.len()),
+            &Batch::new(1, d_mid, 1, Mat::identity(d_mid, d_mid)),
+        );
+        mm(w.data.as_ref(), q.as_ref())
+    };
     // Tangents per block: one sample's tangents for every input feature can be far too many
     // for memory (SmolLM2: 1154 features x 128 positions x 3651 features = 4 GB), so they go
     // through the section in blocks of at most TANGENT_NUMBERS numbers.
     let width = dirs.ncols().max(d_out).max(d_in);
-    let block = (TANGENT_NUMBERS / (pos_in.max(pos_out) * width).max(1)).clamp(1, n_lib);
+    let block = (TANGENT_NUMBERS / (pos_in.max(pos_out) * width).max(1)).clamp(1, n_lib.max(1));
     let (e, rows) = fold(
         data,
         batch,
@@ -602,7 +616,8 @@ fn jvp_edges(
                 let tangent = Batch::new(n, nb, pos_in, tangent);
                 let mut bracket = Mat::<f64>::zeros(n * nb * pos_out, n_out);
                 for (w, y, caches) in &forwards {
-                    let out = mm(tail.jvp(&caches[k..], &tangent).data.as_ref(), q.as_ref());
+                    let t = mid.jvp(&caches[k..k + m], &tangent);
+                    let out = mm(t.data.as_ref(), sq.as_ref());
                     match &y_full {
                         None => bracket += faer::Scale(*w) * &out,
                         Some(yf) => {
