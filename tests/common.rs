@@ -12,7 +12,7 @@ pub fn root() -> PathBuf {
 pub fn have(paths: &[&str], test: &str) -> bool {
     for p in paths {
         if !root().join(p).exists() {
-            eprintln!("SKIPPED {test}: {p} is absent (reference models live in ../shared/reference; MNIST comes from scripts/fetch-data.sh mnist)");
+            eprintln!("SKIPPED {test}: {p} is absent (reference models live in ../shared/reference; data/ comes from scripts/fetch-data.sh: mnist, text, smollm2)");
             return false;
         }
     }
