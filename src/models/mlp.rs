@@ -2,8 +2,9 @@
 //! `act([x, 1] W')` (method.md section 8), forward, VJP and JVP side by side.
 
 use super::{broadcast_rows, Activation, Cache, InputKind, Model, Module, Structure};
+use crate::tensor::linalg::gemm;
 use crate::tensor::Batch;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatRef};
 
 impl Activation {
     pub fn apply(self, x: f64) -> f64 {
@@ -184,7 +185,7 @@ impl Module for Dense {
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
         let mut z = Mat::zeros(x.rows(), self.w.ncols());
-        faer::linalg::matmul::matmul(&mut z, Accum::Replace, &x.data, &self.w, 1.0, Par::Seq);
+        gemm(z.as_mut(), Accum::Replace, x.data.as_ref(), self.w.as_ref());
         let y = Mat::from_fn(z.nrows(), z.ncols(), |i, j| self.act.apply(z[(i, j)]));
         (Batch::new(x.n, x.r, x.pos, y), Box::new(DenseCache { z }))
     }
@@ -198,14 +199,7 @@ impl Module for Dense {
             g = Mat::from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] * d[(i, j)]);
         }
         let mut dx = Mat::zeros(g.nrows(), self.w.nrows());
-        faer::linalg::matmul::matmul(
-            &mut dx,
-            Accum::Replace,
-            &g,
-            self.w.transpose(),
-            1.0,
-            Par::Seq,
-        );
+        gemm(dx.as_mut(), Accum::Replace, g.as_ref(), self.w.transpose());
         Batch::new(dy.n, dy.r, dy.pos, dx)
     }
 
@@ -213,7 +207,12 @@ impl Module for Dense {
     fn jvp(&self, cache: &Cache, dx: &Batch) -> Batch {
         let c = cache.downcast_ref::<DenseCache>().expect("Dense cache");
         let mut t = Mat::zeros(dx.rows(), self.w.ncols());
-        faer::linalg::matmul::matmul(&mut t, Accum::Replace, &dx.data, &self.w, 1.0, Par::Seq);
+        gemm(
+            t.as_mut(),
+            Accum::Replace,
+            dx.data.as_ref(),
+            self.w.as_ref(),
+        );
         if self.act != Activation::Identity {
             let d = broadcast_rows(self.derivatives(c.z.as_ref()).as_ref(), dx.n, dx.r, dx.pos);
             t = Mat::from_fn(t.nrows(), t.ncols(), |i, j| t[(i, j)] * d[(i, j)]);

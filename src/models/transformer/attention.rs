@@ -2,13 +2,18 @@
 //! architecture variants of method.md section 9: grouped-query attention (Llama), a local
 //! attention window (GPT-Neo) and rotary position embeddings (GPT-NeoX / Pythia, Llama).
 //!
-//! Positions mix only here, so the loops run per `(sample, vector, head)` on row-major copies
-//! of one sample's rows at a time (a small scratch buffer reused across samples: faer's
-//! matrices are column-major); the output projection is one GEMM over all rows.
+//! Positions mix only here. Per `(sample, head)` the score and value products of ALL the
+//! sample's vectors are a few dense GEMMs (faer, `Par::Seq`: the caller parallelises over
+//! samples): the vectors go in blocks whose tangents / cotangents are copied position-major,
+//! rows `(position s, vector v)`, so that any range of positions of the whole block is one
+//! evenly strided matrix. The queries go in causal chunks `[a, b)` that read the keys
+//! `[first_key(a), b)` only, and per chunk every product is one GEMM over the block:
+//! `dq K^T`, `dk Q^T` (added transposed), `dp V`, `P [dv_1 | dv_2 | ..]` for the JVP,
+//! `gz V^T`, `P^T [gz_1 | gz_2 | ..]`, `ga K`, `ga^T Q` (transposed copy first) for the VJP.
+//! Scratch (`Scratch`, at most `SCRATCH` doubles) is reused across blocks, heads and
+//! samples; the output projection is one GEMM per block.
 
-use super::modules::{
-    axpy, cache, copy_cols_from_pos, copy_cols_to_pos, dot, gemm, read_rows, write_rows,
-};
+use super::modules::{cache, copy_cols_from_pos, copy_cols_to_pos, dot, gemm, read_rows};
 use crate::models::{Cache, Module};
 use crate::tensor::Batch;
 use faer::{Accum, Mat, MatMut, MatRef};
@@ -183,6 +188,420 @@ impl AttnOut {
     }
 }
 
+/// Scratch budget of the VJP / JVP (doubles, 8 MB): vectors per block [`AttnOut::block`].
+const SCRATCH: usize = 1 << 20;
+
+/// Queries per causal chunk: chunk `[a, b)` reads the keys `[first_key(a), b)` only, which
+/// skips most of the masked upper triangle (about `1/2 - CHUNK/(2T)` of the score FLOPs).
+const CHUNK: usize = 32;
+
+/// The row-major `nrows x ncols` matrix at `buf[off..]`, rows `stride` apart.
+#[inline]
+fn rm(buf: &[f64], off: usize, nrows: usize, ncols: usize, stride: usize) -> MatRef<'_, f64> {
+    MatRef::from_row_major_slice_with_stride(&buf[off..], nrows, ncols, stride)
+}
+
+/// [`rm`], mutable. (Not faer 0.24's `from_row_major_slice_with_stride_mut`: it builds the
+/// column-major view.)
+#[inline]
+fn rm_mut(
+    buf: &mut [f64],
+    off: usize,
+    nrows: usize,
+    ncols: usize,
+    stride: usize,
+) -> MatMut<'_, f64> {
+    MatMut::from_column_major_slice_with_stride_mut(&mut buf[off..], ncols, nrows, stride)
+        .transpose_mut()
+}
+
+/// `dst[(j, i)] = src[(i, j)]` for every vector `v < nb`, with `src` rows `(i, v)` and `dst`
+/// rows `(j, v)` (both row-major, `ni x nj` and `nj x ni` per vector).
+fn transpose_per_vector(src: &[f64], dst: &mut [f64], ni: usize, nj: usize, nb: usize) {
+    for i in 0..ni {
+        for v in 0..nb {
+            let row = &src[(i * nb + v) * nj..][..nj];
+            for (j, &x) in row.iter().enumerate() {
+                dst[(j * nb + v) * ni + i] = x;
+            }
+        }
+    }
+}
+
+/// Columns per tile of [`gather`] / [`scatter`].
+const TILE: usize = 16;
+
+/// `dst[(s nb + v) stride + j] = m[(row0 + v pos + s, c0 + j)]` for `v < nb`, `s < pos`,
+/// `j < w`: rows `(v, s)` of a column-major batch into position-major rows `(s, v)`, in tiles
+/// of [`TILE`] columns (the writes run through `dst` in order, the reads stay in cache).
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    m: &Mat<f64>,
+    row0: usize,
+    nb: usize,
+    pos: usize,
+    c0: usize,
+    w: usize,
+    dst: &mut [f64],
+    stride: usize,
+) {
+    for jb in (0..w).step_by(TILE) {
+        let cols: Vec<&[f64]> = (jb..w.min(jb + TILE))
+            .map(|j| &m.col_as_slice(c0 + j)[row0..row0 + nb * pos])
+            .collect();
+        for s in 0..pos {
+            for v in 0..nb {
+                let d = &mut dst[(s * nb + v) * stride + jb..][..cols.len()];
+                for (x, col) in d.iter_mut().zip(&cols) {
+                    *x = col[v * pos + s];
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`gather`]: `m[(row0 + v pos + s, c0 + j)] = src[(s nb + v) stride + j]`.
+#[allow(clippy::too_many_arguments)]
+fn scatter(
+    m: &mut Mat<f64>,
+    row0: usize,
+    nb: usize,
+    pos: usize,
+    c0: usize,
+    w: usize,
+    src: &[f64],
+    stride: usize,
+) {
+    for jb in (0..w).step_by(TILE) {
+        let jn = TILE.min(w - jb);
+        let mut cols: Vec<&mut [f64]> = m
+            .as_mut()
+            .subrows_mut(row0, nb * pos)
+            .subcols_mut(c0 + jb, jn)
+            .col_iter_mut()
+            .map(|c| c.try_as_col_major_mut().unwrap().as_slice_mut())
+            .collect();
+        for s in 0..pos {
+            for v in 0..nb {
+                let d = &src[(s * nb + v) * stride + jb..][..jn];
+                for (x, col) in d.iter().zip(cols.iter_mut()) {
+                    col[v * pos + s] = *x;
+                }
+            }
+        }
+    }
+}
+
+/// Scratch of one block of `nb` vectors, position-major: rows `(s, v)` (row `s nb + v`), so a
+/// range of positions of all the block's vectors is one contiguous, evenly strided matrix.
+struct Scratch {
+    /// Tangents (cotangents) on `q, k`, rotated: rows `(s, v)`, `H d_head + H_kv d_head` wide.
+    qk: Vec<f64>,
+    /// On `v`: kv head `g`, position `s`, vector `v` at `((g pos + s) nb + v) (d_head + 1)`, so
+    /// that `[dv_1 | dv_2 | ..]` of one kv head is a `pos x nb (d_head + 1)` matrix.
+    v: Vec<f64>,
+    /// Scores of one chunk: rows `(t, v)`, one column per key of the chunk.
+    sc: Vec<f64>,
+    /// The same transposed per vector: rows `(s, v)`, one column per query of the chunk.
+    tr: Vec<f64>,
+    /// One head's `dz` (`gz`): rows `(t, v)`, `d_head + 1` wide.
+    zh: Vec<f64>,
+    /// All heads' `dz` (`gz`) in the output's order: rows `(v, t)`, `H (d_head + 1)` wide.
+    z: Vec<f64>,
+}
+
+impl AttnOut {
+    /// Doubles of [`Scratch`] per vector.
+    fn scratch_per_vector(&self, pos: usize) -> usize {
+        let pout = self.out_pos(pos);
+        pos * self.fqkv()
+            + 2 * CHUNK.min(pout) * pos
+            + pout * self.dv()
+            + pout * self.heads * self.dv()
+    }
+
+    /// Vectors per block of the VJP / JVP: [`Scratch`] within [`SCRATCH`], at least 1, at
+    /// most `r`.
+    fn block(&self, r: usize, pos: usize) -> usize {
+        (SCRATCH / self.scratch_per_vector(pos).max(1)).clamp(1, r.max(1))
+    }
+
+    fn scratch(&self, nb: usize, pos: usize, cq: usize) -> Scratch {
+        let (pout, dv, wqk) = (self.out_pos(pos), self.dv(), self.fq() + self.fk());
+        let cq = cq.min(pout);
+        Scratch {
+            qk: vec![0.0; nb * pos * wqk],
+            v: vec![0.0; nb * pos * self.kv_heads * dv],
+            sc: vec![0.0; nb * cq * pos],
+            tr: vec![0.0; nb * cq * pos],
+            zh: vec![0.0; nb * pout * dv],
+            z: vec![0.0; nb * pout * self.heads * dv],
+        }
+    }
+
+    /// The causal query chunks `(a, b, lo)`: queries `[a, b)` (at most `cq`), keys `[lo, b)`.
+    fn chunks(&self, pos: usize, cq: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (self.t0(pos)..pos)
+            .step_by(cq.max(1))
+            .map(move |a| (a, (a + cq.max(1)).min(pos), self.first_key(a)))
+    }
+
+    /// Turns the scores `sc` of chunk `(a, b, lo)` (rows `(t, v)`, keys `lo .. b`) into
+    /// `scale p_ts (sc_ts - sum_s' p_ts' sc_ts')` on the window `K(t)`, 0 elsewhere (the
+    /// softmax's JVP, and its VJP: the Jacobian is symmetric). `ph`: head `h`'s weights, rows
+    /// `t` of `pos`.
+    fn softmax_diff(
+        &self,
+        sc: &mut [f64],
+        ph: &[f64],
+        pos: usize,
+        (a, b, lo): (usize, usize, usize),
+        nb: usize,
+    ) {
+        for (i, row) in sc.chunks_exact_mut(b - lo).enumerate() {
+            let t = a + i / nb;
+            let (s0, s1) = (self.first_key(t) - lo, t + 1 - lo);
+            let pt = &ph[t * pos + lo..][s0..s1];
+            let mean = dot(pt, &row[s0..s1]);
+            for (x, &p) in row[s0..s1].iter_mut().zip(pt) {
+                *x = self.scale * p * (*x - mean);
+            }
+            row[..s0].fill(0.0);
+            row[s1..].fill(0.0);
+        }
+    }
+
+    /// [`Module::vjp`] in blocks of `rb` cotangents and causal chunks of `cq` queries.
+    fn vjp_blocked(&self, c: &AttnCache, dy: &Batch, rb: usize, cq: usize) -> Batch {
+        let (n, r, pout, heads, dh, dv, f) = (
+            dy.n,
+            dy.r,
+            dy.pos,
+            self.heads,
+            self.d_head,
+            self.dv(),
+            self.fqkv(),
+        );
+        let (pos, hz, wqk) = (c.pos, heads * dv, self.fq() + self.fk());
+        let t0 = self.t0(pos);
+        assert_eq!(pout, pos - t0, "{}: cotangent positions", self.id);
+        let mut dx = Mat::zeros(n * r * pos, f + self.resid);
+        let (rb, cq) = (rb.clamp(1, r.max(1)), cq.max(1));
+        let mut sb = self.scratch(rb, pos, cq);
+        for xs in 0..n {
+            let qkv = &c.qkv[xs * pos * f..(xs + 1) * pos * f];
+            for v0 in (0..r).step_by(rb) {
+                let nb = rb.min(r - v0);
+                let Scratch {
+                    qk: gqk,
+                    v: gv,
+                    sc,
+                    tr,
+                    zh,
+                    z: gz,
+                } = &mut sb;
+                let (gqk, gv) = (
+                    &mut gqk[..nb * pos * wqk],
+                    &mut gv[..nb * pos * self.kv_heads * dv],
+                );
+                let (zh, gz) = (&mut zh[..nb * pout * dv], &mut gz[..nb * pout * hz]);
+                // gz = gattn W_O'^T, rows (v, t).
+                gemm(
+                    rm_mut(gz, 0, nb * pout, hz, hz),
+                    Accum::Replace,
+                    dy.data
+                        .as_ref()
+                        .subrows((xs * r + v0) * pout, nb * pout)
+                        .subcols(0, self.resid),
+                    self.w_o.transpose(),
+                );
+                gqk.fill(0.0);
+                gv.fill(0.0);
+                for h in 0..heads {
+                    let (oq, ok, ov) = self.offsets(h);
+                    let og = (ov - wqk) / dv * pos * nb * dv;
+                    // This head's gz, rows (t, v).
+                    for t in 0..pout {
+                        for v in 0..nb {
+                            zh[(t * nb + v) * dv..][..dv]
+                                .copy_from_slice(&gz[(v * pout + t) * hz + h * dv..][..dv]);
+                        }
+                    }
+                    let ph = &c.p[(xs * heads + h) * pos * pos..][..pos * pos];
+                    for ch in self.chunks(pos, cq) {
+                        let (a, b, lo) = ch;
+                        let (m, ns) = (b - a, b - lo);
+                        let (sc, tr) = (&mut sc[..m * nb * ns], &mut tr[..m * nb * ns]);
+                        let zc = (a - t0) * nb * dv;
+                        // gp = gz V^T.
+                        gemm(
+                            rm_mut(sc, 0, m * nb, ns, ns),
+                            Accum::Replace,
+                            rm(zh, zc, m * nb, dv, dv),
+                            rm(qkv, lo * f + ov, ns, dv, f).transpose(),
+                        );
+                        // [gv_1 | gv_2 | ..] += P^T [gz_1 | gz_2 | ..].
+                        gemm(
+                            rm_mut(gv, og + lo * nb * dv, ns, nb * dv, nb * dv),
+                            Accum::Add,
+                            rm(ph, a * pos + lo, m, ns, pos).transpose(),
+                            rm(zh, zc, m, nb * dv, nb * dv),
+                        );
+                        self.softmax_diff(sc, ph, pos, ch, nb);
+                        // gq = ga K (query head h owns these columns).
+                        gemm(
+                            rm_mut(gqk, a * nb * wqk + oq, m * nb, dh, wqk),
+                            Accum::Replace,
+                            rm(sc, 0, m * nb, ns, ns),
+                            rm(qkv, lo * f + ok, ns, dh, f),
+                        );
+                        // gk += ga^T Q (rows (s, v)).
+                        transpose_per_vector(sc, tr, m, ns, nb);
+                        gemm(
+                            rm_mut(gqk, lo * nb * wqk + ok, ns * nb, dh, wqk),
+                            Accum::Add,
+                            rm(tr, 0, ns * nb, m, m),
+                            rm(qkv, a * f + oq, m, dh, f),
+                        );
+                    }
+                }
+                if self.rotary.is_some() {
+                    for (i, row) in gqk.chunks_exact_mut(wqk).enumerate() {
+                        self.rotate_row(row, i / nb, true);
+                    }
+                }
+                let row0 = (xs * r + v0) * pos;
+                scatter(&mut dx, row0, nb, pos, 0, wqk, gqk, wqk);
+                for g in 0..self.kv_heads {
+                    let src = &gv[g * pos * nb * dv..];
+                    scatter(&mut dx, row0, nb, pos, wqk + g * dv, dv, src, dv);
+                }
+            }
+        }
+        copy_cols_to_pos(&mut dx, f, &dy.data, self.resid, self.resid, pos, t0);
+        Batch::new(n, r, pos, dx)
+    }
+
+    /// [`Module::jvp`] in blocks of `rb` tangents and causal chunks of `cq` queries.
+    fn jvp_blocked(&self, c: &AttnCache, dx: &Batch, rb: usize, cq: usize) -> Batch {
+        let (n, r, pos, heads, dh, dv, f) = (
+            dx.n,
+            dx.r,
+            dx.pos,
+            self.heads,
+            self.d_head,
+            self.dv(),
+            self.fqkv(),
+        );
+        assert_eq!(pos, c.pos, "{}: tangent positions", self.id);
+        let (t0, pout, hz, wqk) = (
+            self.t0(pos),
+            self.out_pos(pos),
+            heads * dv,
+            self.fq() + self.fk(),
+        );
+        let mut out = Mat::zeros(n * r * pout, 2 * self.resid);
+        let (rb, cq) = (rb.clamp(1, r.max(1)), cq.max(1));
+        let mut sb = self.scratch(rb, pos, cq);
+        for xs in 0..n {
+            let qkv = &c.qkv[xs * pos * f..(xs + 1) * pos * f];
+            for v0 in (0..r).step_by(rb) {
+                let nb = rb.min(r - v0);
+                let Scratch {
+                    qk: tqk,
+                    v: tv,
+                    sc,
+                    tr,
+                    zh,
+                    z: dz,
+                } = &mut sb;
+                let (tqk, tv) = (
+                    &mut tqk[..nb * pos * wqk],
+                    &mut tv[..nb * pos * self.kv_heads * dv],
+                );
+                let (zh, dz) = (&mut zh[..nb * pout * dv], &mut dz[..nb * pout * hz]);
+                // The block's tangents, rows (s, v); q, k rotated.
+                let row0 = (xs * r + v0) * pos;
+                gather(&dx.data, row0, nb, pos, 0, wqk, tqk, wqk);
+                for g in 0..self.kv_heads {
+                    let dst = &mut tv[g * pos * nb * dv..];
+                    gather(&dx.data, row0, nb, pos, wqk + g * dv, dv, dst, dv);
+                }
+                if self.rotary.is_some() {
+                    for (i, row) in tqk.chunks_exact_mut(wqk).enumerate() {
+                        self.rotate_row(row, i / nb, false);
+                    }
+                }
+                let (tqk, tv) = (&*tqk, &*tv);
+                for h in 0..heads {
+                    let (oq, ok, ov) = self.offsets(h);
+                    let og = (ov - wqk) / dv * pos * nb * dv;
+                    let ph = &c.p[(xs * heads + h) * pos * pos..][..pos * pos];
+                    for ch in self.chunks(pos, cq) {
+                        let (a, b, lo) = ch;
+                        let (m, ns) = (b - a, b - lo);
+                        let (sc, tr) = (&mut sc[..m * nb * ns], &mut tr[..m * nb * ns]);
+                        let zc = (a - t0) * nb * dv;
+                        // da = dq K^T + (dk Q^T)^T.
+                        gemm(
+                            rm_mut(sc, 0, m * nb, ns, ns),
+                            Accum::Replace,
+                            rm(tqk, a * nb * wqk + oq, m * nb, dh, wqk),
+                            rm(qkv, lo * f + ok, ns, dh, f).transpose(),
+                        );
+                        gemm(
+                            rm_mut(tr, 0, ns * nb, m, m),
+                            Accum::Replace,
+                            rm(tqk, lo * nb * wqk + ok, ns * nb, dh, wqk),
+                            rm(qkv, a * f + oq, m, dh, f).transpose(),
+                        );
+                        for t in 0..m {
+                            let (s0, s1) = (self.first_key(a + t) - lo, a + t + 1 - lo);
+                            for v in 0..nb {
+                                let row = &mut sc[(t * nb + v) * ns..][s0..s1];
+                                for (s, x) in (s0..).zip(row) {
+                                    *x += tr[(s * nb + v) * m + t];
+                                }
+                            }
+                        }
+                        self.softmax_diff(sc, ph, pos, ch, nb);
+                        // dz = dp V, then [dz_1 | dz_2 | ..] += P [dv_1 | dv_2 | ..].
+                        gemm(
+                            rm_mut(zh, zc, m * nb, dv, dv),
+                            Accum::Replace,
+                            rm(sc, 0, m * nb, ns, ns),
+                            rm(qkv, lo * f + ov, ns, dv, f),
+                        );
+                        gemm(
+                            rm_mut(zh, zc, m, nb * dv, nb * dv),
+                            Accum::Add,
+                            rm(ph, a * pos + lo, m, ns, pos),
+                            rm(tv, og + lo * nb * dv, ns, nb * dv, nb * dv),
+                        );
+                    }
+                    // Into the output's order, rows (v, t).
+                    for t in 0..pout {
+                        for v in 0..nb {
+                            dz[(v * pout + t) * hz + h * dv..][..dv]
+                                .copy_from_slice(&zh[(t * nb + v) * dv..][..dv]);
+                        }
+                    }
+                }
+                gemm(
+                    out.as_mut()
+                        .subrows_mut((xs * r + v0) * pout, nb * pout)
+                        .subcols_mut(0, self.resid),
+                    Accum::Replace,
+                    rm(dz, 0, nb * pout, hz, hz),
+                    self.w_o.as_ref(),
+                );
+            }
+        }
+        copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
+        Batch::new(n, r, pout, out)
+    }
+}
+
 impl Module for AttnOut {
     fn id(&self) -> &str {
         &self.id
@@ -201,7 +620,8 @@ impl Module for AttnOut {
         }
     }
 
-    /// `p_t = softmax_{s in K(t)}(scale q_t . k_s)`, `z_t = sum_s p_ts v_s`, `attn = z W_O'`.
+    /// `p_t = softmax_{s in K(t)}(scale q_t . k_s)`, `z_t = sum_s p_ts v_s`, `attn = z W_O'`:
+    /// per `(sample, head)` the GEMMs `Q K^T` and `P V`.
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
         let (n, pos, heads, dh, dv, f) =
             (x.n, x.pos, self.heads, self.d_head, self.dv(), self.fqkv());
@@ -220,16 +640,23 @@ impl Module for AttnOut {
         let mut p = vec![0.0; n * heads * pos * pos];
         let mut z = vec![0.0; n * pout * hz];
         for xs in 0..n {
-            let row = |s: usize| &qkv[(xs * pos + s) * f..(xs * pos + s + 1) * f];
+            let qkv = &qkv[xs * pos * f..(xs + 1) * pos * f];
             for h in 0..heads {
                 let (oq, ok, ov) = self.offsets(h);
-                for t in t0..pos {
+                let ph = &mut p[((xs * heads + h) * pos + t0) * pos..][..pout * pos];
+                gemm(
+                    rm_mut(ph, 0, pout, pos, pos),
+                    Accum::Replace,
+                    rm(qkv, t0 * f + oq, pout, dh, f),
+                    rm(qkv, ok, pos, dh, f).transpose(),
+                );
+                for (i, row) in ph.chunks_exact_mut(pos).enumerate() {
+                    let t = t0 + i;
                     let s0 = self.first_key(t);
-                    let q = &row(t)[oq..oq + dh];
-                    let pt = &mut p[((xs * heads + h) * pos + t) * pos..][s0..=t];
+                    let pt = &mut row[s0..=t];
                     let mut max = f64::NEG_INFINITY;
-                    for (s, a) in (s0..).zip(pt.iter_mut()) {
-                        *a = self.scale * dot(q, &row(s)[ok..ok + dh]);
+                    for a in pt.iter_mut() {
+                        *a *= self.scale;
                         max = max.max(*a);
                     }
                     let mut sum = 0.0;
@@ -237,12 +664,18 @@ impl Module for AttnOut {
                         *a = (*a - max).exp();
                         sum += *a;
                     }
-                    let zt = &mut z[(xs * pout + t - t0) * hz + h * dv..][..dv];
-                    for (s, a) in (s0..).zip(pt.iter_mut()) {
+                    for a in pt.iter_mut() {
                         *a /= sum;
-                        axpy(zt, *a, &row(s)[ov..ov + dv]);
                     }
+                    row[..s0].fill(0.0);
+                    row[t + 1..].fill(0.0);
                 }
+                gemm(
+                    rm_mut(&mut z, xs * pout * hz + h * dv, pout, dv, hz),
+                    Accum::Replace,
+                    rm(ph, 0, pout, pos, pos),
+                    rm(qkv, ov, pos, dv, f),
+                );
             }
         }
         let mut y = Mat::zeros(n * pout, 2 * self.resid);
@@ -265,60 +698,7 @@ impl Module for AttnOut {
     /// passes through.
     fn vjp(&self, c: &Cache, dy: &Batch) -> Batch {
         let c = cache::<AttnCache>(c, "attention");
-        let (n, r, pout, heads, dh, dv, f) = (
-            dy.n,
-            dy.r,
-            dy.pos,
-            self.heads,
-            self.d_head,
-            self.dv(),
-            self.fqkv(),
-        );
-        let (pos, hz) = (c.pos, heads * dv);
-        let t0 = self.t0(pos);
-        let mut gz = vec![0.0; n * r * pout * hz];
-        gemm(
-            MatMut::from_row_major_slice_mut(&mut gz, n * r * pout, hz),
-            Accum::Replace,
-            dy.data.as_ref().subcols(0, self.resid),
-            self.w_o.transpose(),
-        );
-        let mut dx = Mat::zeros(n * r * pos, f + self.resid);
-        // One sample's cotangents on (q, k, v), row-major, rows (v, s).
-        let mut g = vec![0.0; r * pos * f];
-        let (mut gp, mut gq) = (vec![0.0; pos], vec![0.0; dh]);
-        for xs in 0..n {
-            let row = |s: usize| &c.qkv[(xs * pos + s) * f..(xs * pos + s + 1) * f];
-            g.fill(0.0);
-            for v in 0..r {
-                for h in 0..heads {
-                    let (oq, ok, ov) = self.offsets(h);
-                    for t in t0..pos {
-                        let s0 = self.first_key(t);
-                        let pt = &c.p[((xs * heads + h) * pos + t) * pos..][s0..=t];
-                        let gzt = &gz[((xs * r + v) * pout + t - t0) * hz + h * dv..][..dv];
-                        let mut mean = 0.0;
-                        for (s, &ps) in (s0..).zip(pt) {
-                            gp[s] = dot(gzt, &row(s)[ov..ov + dv]);
-                            mean += ps * gp[s];
-                            axpy(&mut g[(v * pos + s) * f + ov..][..dv], ps, gzt);
-                        }
-                        gq.fill(0.0);
-                        let q = &row(t)[oq..oq + dh];
-                        for (s, &ps) in (s0..).zip(pt) {
-                            let ga = self.scale * ps * (gp[s] - mean);
-                            axpy(&mut gq, ga, &row(s)[ok..ok + dh]);
-                            axpy(&mut g[(v * pos + s) * f + ok..][..dh], ga, q);
-                        }
-                        axpy(&mut g[(v * pos + t) * f + oq..][..dh], 1.0, &gq);
-                    }
-                }
-            }
-            self.rotate_rows(&mut g, pos, true);
-            write_rows(&mut dx, xs * r * pos, 0, f, &g);
-        }
-        copy_cols_to_pos(&mut dx, f, &dy.data, self.resid, self.resid, pos, t0);
-        Batch::new(n, r, pos, dx)
+        self.vjp_blocked(c, dy, self.block(dy.r, c.pos), CHUNK)
     }
 
     /// Tangents `dq`, `dk` rotated first; per head `da_ts = scale (dq_t . k_s + q_t . dk_s)`,
@@ -326,55 +706,10 @@ impl Module for AttnOut {
     /// then `dattn = dz W_O'`; the residual's tangent passes through.
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
         let c = cache::<AttnCache>(c, "attention");
-        let (n, r, pos, heads, dh, dv, f) = (
-            dx.n,
-            dx.r,
-            dx.pos,
-            self.heads,
-            self.d_head,
-            self.dv(),
-            self.fqkv(),
-        );
-        let (t0, pout, hz) = (self.t0(pos), self.out_pos(pos), heads * dv);
-        let mut dz = vec![0.0; n * r * pout * hz];
-        // One sample's tangents on (q, k, v), row-major, rows (v, s).
-        let mut tq = vec![0.0; r * pos * f];
-        let mut da = vec![0.0; pos];
-        for xs in 0..n {
-            let row = |s: usize| &c.qkv[(xs * pos + s) * f..(xs * pos + s + 1) * f];
-            read_rows(&dx.data, xs * r * pos, 0, f, &mut tq);
-            self.rotate_rows(&mut tq, pos, false);
-            for v in 0..r {
-                let trow = |s: usize| &tq[(v * pos + s) * f..(v * pos + s + 1) * f];
-                for h in 0..heads {
-                    let (oq, ok, ov) = self.offsets(h);
-                    for t in t0..pos {
-                        let s0 = self.first_key(t);
-                        let pt = &c.p[((xs * heads + h) * pos + t) * pos..][s0..=t];
-                        let (q, dq) = (&row(t)[oq..oq + dh], &trow(t)[oq..oq + dh]);
-                        let mut mean = 0.0;
-                        for (s, &ps) in (s0..).zip(pt) {
-                            da[s] = self.scale
-                                * (dot(dq, &row(s)[ok..ok + dh]) + dot(q, &trow(s)[ok..ok + dh]));
-                            mean += ps * da[s];
-                        }
-                        let dzt = &mut dz[((xs * r + v) * pout + t - t0) * hz + h * dv..][..dv];
-                        for (s, &ps) in (s0..).zip(pt) {
-                            axpy(dzt, ps * (da[s] - mean), &row(s)[ov..ov + dv]);
-                            axpy(dzt, ps, &trow(s)[ov..ov + dv]);
-                        }
-                    }
-                }
-            }
-        }
-        let mut t = Mat::zeros(n * r * pout, 2 * self.resid);
-        gemm(
-            t.as_mut().subcols_mut(0, self.resid),
-            Accum::Replace,
-            MatRef::from_row_major_slice(&dz, n * r * pout, hz),
-            self.w_o.as_ref(),
-        );
-        copy_cols_from_pos(&mut t, self.resid, &dx.data, f, self.resid, pos, t0);
-        Batch::new(n, r, pout, t)
+        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK)
     }
 }
+
+#[cfg(test)]
+#[path = "attention_tests.rs"]
+mod tests;

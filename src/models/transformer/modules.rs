@@ -6,13 +6,13 @@
 //! - A batch has rows `(sample x, vector v, position s)`, row `(x * r + v) * pos + s`; a
 //!   forward-pass cache has rows `(x, s)`, row `x * pos + s` ([`for_rows`] pairs them up).
 //! - Per-position maps are one GEMM over all rows (`Par::Seq`: the caller parallelises over
-//!   sample chunks); only attention mixes positions, in loops over `(x, v, head)`.
+//!   sample chunks); only attention mixes positions, in GEMMs per `(x, head)` over all vectors.
 //!
 //! Attention (`attn_out`) is in [`super::attention`]. The exact stream layout of every module's output is tabulated in the parent module's docs.
 
 use crate::models::{Activation, Cache, Module, Structure};
 use crate::tensor::Batch;
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef};
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
@@ -20,7 +20,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 /// `dst (+)= a b` on one core.
 pub(super) fn gemm(dst: MatMut<'_, f64>, accum: Accum, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
-    faer::linalg::matmul::matmul(dst, accum, a, b, 1.0, Par::Seq);
+    crate::tensor::linalg::gemm(dst, accum, a, b);
 }
 
 /// Calls `f(row, cache_row)` for every row `(x, v, s)` of an `(n, r, pos)` batch, where
@@ -57,6 +57,7 @@ pub(super) fn read_rows(m: &Mat<f64>, row0: usize, c0: usize, w: usize, buf: &mu
 
 /// The inverse of [`read_rows`]: writes the row-major `buf` into rows `row0 ..`, columns
 /// `c0 .. c0 + w` of `m`.
+#[cfg(test)]
 pub(super) fn write_rows(m: &mut Mat<f64>, row0: usize, c0: usize, w: usize, buf: &[f64]) {
     for (b, block) in buf.chunks(BLOCK * w).enumerate() {
         let r0 = row0 + b * BLOCK;
@@ -130,14 +131,6 @@ pub(super) fn copy_cols_to_pos(
 #[inline]
 pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// `y += alpha x`.
-#[inline]
-pub(super) fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
 }
 
 pub(super) fn cache<'a, T: 'static>(c: &'a Cache, what: &str) -> &'a T {
