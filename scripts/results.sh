@@ -41,3 +41,47 @@ if j is not None:
     t = dict(j["timings"])["total"]
     print(f"| published | {j['baseline']:.4f} | {f['layers.0']} | {f['layers.1']} | {f['layers.2']} | {e['layers.0/layers.1']} | {e['layers.1/layers.2']} | {e['layers.2/output']} | {j['n_modules']} ({j['modularity_q']:.3f}) | {t:.0f} |")
 PY
+
+# SmolLM2-135M (scripts/fetch-data.sh smollm2 && scripts/fetch-data.sh text first):
+#   scripts/results.sh --smollm2          # plan, then the whole pipeline into out/smollm2
+#   scripts/results.sh --smollm2-tables   # the tables from out/smollm2
+if [ "${1:-}" = "--smollm2" ]; then
+    cargo build --release --quiet
+    ./target/release/ibasis plan configs/smollm2-lib.toml | tee out/smollm2-plan.txt
+    /usr/bin/time -v ./target/release/ibasis run configs/smollm2-lib.toml --out out/smollm2 \
+        2>&1 | tee out/smollm2-run.log
+fi
+if [ "${1:-}" = "--smollm2" ] || [ "${1:-}" = "--smollm2-tables" ]; then
+python3 - <<'PY'
+import json
+g = json.load(open("out/smollm2/lib/graph.json"))
+p = json.load(open("out/smollm2/pca/graph.json"))
+print("| node layer | positions | original | LIB kept | PCA kept | leading LIB Lambdas |")
+print("|---|---|---|---|---|---|")
+pca_kept = {l["name"]: l["d_lib"] for l in p["node_layers"]}
+for l in g["node_layers"]:
+    lead = ", ".join(f"{v:.4g}" for v in l["leading_lambda"][:3])
+    print(f"| {l['name']} | {l['positions']} | {l['d_orig']} | {l['d_lib']} | {pca_kept.get(l['name'], '-')} | {lead} |")
+print()
+print("| edges | shape | total |")
+print("|---|---|---|")
+for e in g["edges"]:
+    print(f"| {e['in_layer']} -> {e['out_layer']} | {e['shape'][0]} x {e['shape'][1]} | {e['total']:.4g} |")
+print()
+print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in g["timings"]))
+lib = json.load(open("out/smollm2/lib/ablation-nodes/ablation.json"))
+pca = json.load(open("out/smollm2/pca/ablation-nodes/ablation.json"))
+print()
+print(f"Held-out cross-entropy, unablated: {lib['baseline']:.4f} nats")
+print()
+print("| node layer | kept | LIB | PCA |")
+print("|---|---|---|---|")
+for name, c in lib["node_layers"].items():
+    q = pca["node_layers"].get(name)
+    for n, s in zip(c["n_kept"], c["score"]):
+        ps = "-"
+        if q and n in q["n_kept"]:
+            ps = f"{q['score'][q['n_kept'].index(n)]:.3f}"
+        print(f"| {name} | {n} | {s:.3f} | {ps} |")
+PY
+fi

@@ -143,3 +143,36 @@ fn ablating_nothing_gives_baseline_and_everything_chance() {
     }
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// A report of a graph whose node ablations cover only some node layers (`[experiments]
+/// ablate_node_layers`) draws curves for those and skips the rest.
+#[test]
+fn report_with_ablations_of_some_layers() {
+    chdir_root();
+    let out = tmp("partial-report");
+    let cfg = shipped(r#"node_layers = ["ln2.0", "unembed", "output"]"#);
+    build_config(&cfg, "test", &out.join("lib")).unwrap();
+    let (g, _) = Graph::load(&out.join("lib")).unwrap();
+    let model = config::load_model(&cfg.model).unwrap();
+    let test = config::load_data(&cfg.with_split(Split::Test)).unwrap();
+    let mut s = settings(AblationKind::Node, Schedule::Exponential);
+    s.node_layers = Some(vec!["unembed".into()]);
+    let r = node_ablation(&model, test.as_ref(), &g, &s).unwrap();
+    assert_eq!(r.node_layers.keys().collect::<Vec<_>>(), ["unembed"]);
+    let html = out.join("report.html");
+    ibasis::experiments::pipeline::write_full_report(
+        &html,
+        &cfg,
+        &[("LIB", &g)],
+        &[r],
+        &[],
+        None,
+        1.0,
+        &out.join("figures"),
+    )
+    .unwrap();
+    assert!(out.join("figures/ablation-unembed.svg").exists());
+    assert!(!out.join("figures/ablation-ln2_0.svg").exists());
+    assert!(std::fs::read_to_string(&html).unwrap().contains("unembed"));
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -436,6 +436,10 @@ pub fn write_full_report(
                     })
                 })
                 .collect();
+            if curves.is_empty() {
+                // Not ablated (`ablate_node_layers` chose other layers).
+                continue;
+            }
             let stem = fig_dir.join(format!("ablation-{}", b.name.replace(['/', '.'], "_")));
             let f = figures::draw_ablation_curves(
                 &stem,
