@@ -318,17 +318,33 @@ pub fn metric_path(
     let pos_out = model
         .section(from, to)
         .out_pos(data_positions(model, data, from));
-    let r = match (
+    let r = cotangents_per_sample(cfg, cfg.basis_formula, pos_out, n_lib);
+    format!("VJP, {r} cotangents per sample")
+}
+
+/// Cotangents per sample of [`vjp_metric`]: one per output direction `(t, i)`, or per sign
+/// vector with stochastic sources (method.md section 7); one for the legacy formulas.
+fn cotangents_per_sample(
+    cfg: &LibConfig,
+    formula: BasisFormula,
+    pos_out: usize,
+    n_lib: usize,
+) -> usize {
+    if matches!(
+        formula,
+        BasisFormula::OneZeroAlpha | BasisFormula::OneMinusAlphaSquared
+    ) {
+        return 1;
+    }
+    match (
         cfg.n_stochastic_sources_pos,
         cfg.n_stochastic_sources_hidden,
     ) {
-        _ if cfg.basis_formula != BasisFormula::Jacobian => 1,
         (None, None) => pos_out * n_lib,
         (Some(p), None) => p * n_lib,
         (None, Some(h)) => h * pos_out,
         (Some(p), Some(h)) => p * h,
-    };
-    format!("VJP, {r} cotangents per sample")
+    }
 }
 
 /// The general path: batched VJPs through the section, one cotangent per output direction
@@ -360,16 +376,7 @@ fn vjp_metric(
         cfg.n_stochastic_sources_pos,
         cfg.n_stochastic_sources_hidden,
     );
-    let r = if legacy {
-        1
-    } else {
-        match (n_pos, n_hidden) {
-            (None, None) => pos_out * n_lib,
-            (Some(p), None) => p * n_lib,
-            (None, Some(h)) => h * pos_out,
-            (Some(p), Some(h)) => p * h,
-        }
-    };
+    let r = cotangents_per_sample(cfg, formula, pos_out, n_lib);
     if r == 0 {
         bail!("zero stochastic sources requested");
     }

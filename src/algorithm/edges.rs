@@ -290,10 +290,7 @@ fn norm_edges(
             let rows = f.rows();
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
-            let mut f2 = fhat;
-            for j in 0..n_in {
-                f2.col_as_slice_mut(j).iter_mut().for_each(|v| *v *= *v);
-            }
+            let f2 = squared(&fhat);
             // Centred (or raw) non-bias residual coordinates of the evaluation point.
             let mut cx = proj.subcols(x0, d).to_owned();
             if centre {
@@ -386,6 +383,13 @@ fn norm_edges(
             }
         };
         e / rows
+    })
+}
+
+/// `fhat^2` entrywise: the weight of each row's edges (squared edges scale with `fhat_j^2`).
+fn squared(fhat: &Mat<f64>) -> Mat<f64> {
+    Mat::from_fn(fhat.nrows(), fhat.ncols(), |r, j| {
+        fhat[(r, j)] * fhat[(r, j)]
     })
 }
 
@@ -483,10 +487,7 @@ fn dense_edges(
                     *out = x * y;
                 }
             }
-            let mut f2 = fhat.clone();
-            for j in 0..n_lib {
-                f2.col_as_slice_mut(j).iter_mut().for_each(|v| *v *= *v);
-            }
+            let f2 = squared(&fhat);
             gemm(acc.0.as_mut(), faer::Accum::Add, f2.transpose(), p.as_ref());
             acc.1 += f.rows() as f64;
         },
@@ -581,7 +582,11 @@ fn jvp_edges(
             });
             let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(chunk as u64));
             // Sign vectors of the stochastic edges, per sample, shared by every feature block.
-            let phis: Vec<Vec<f64>> = (0..n * n_signs)
+            let n_phis = match cfg.edge_formula {
+                EdgeFormula::Stochastic => n * n_signs,
+                _ => 0,
+            };
+            let phis: Vec<Vec<f64>> = (0..n_phis)
                 .map(|_| {
                     (0..pos_out)
                         .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })

@@ -14,12 +14,17 @@ pub fn report_peak_memory() {
     if std::env::var_os(PEAK_ENV).is_none() {
         return;
     }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
-            let kib: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
-            eprintln!("peak-memory-kib {kib}");
-        }
+    if let Some(bytes) = peak_resident_bytes() {
+        eprintln!("peak-memory-kib {}", bytes / 1024);
     }
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), bytes.
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
+    kib.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 struct Job {

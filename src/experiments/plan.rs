@@ -278,16 +278,8 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
         n_pilot,
         positions,
         steps,
-        peak_bytes: peak_resident_bytes(),
+        peak_bytes: super::bench::peak_resident_bytes(),
     })
-}
-
-/// Peak resident memory of this process so far (Linux), bytes.
-pub fn peak_resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
-    kib.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// Seconds as `1.2 s`, `3.4 min` or `1.1 h`.
