@@ -10,7 +10,11 @@ use ibasis::models::transformer::{transformer_from_tensors, TransformerOptions};
 use ibasis::models::Model;
 
 fn model(opaque: bool) -> Model {
-    let t = random_transformer(5, 7, 6, 2, 3, 10);
+    model_with(opaque, 10)
+}
+
+fn model_with(opaque: bool, d_mlp: usize) -> Model {
+    let t = random_transformer(5, 7, 6, 2, 3, d_mlp);
     let opts = TransformerOptions {
         last_pos_module_type: Some("add_resid1".into()),
         ..Default::default()
@@ -23,15 +27,20 @@ fn model(opaque: bool) -> Model {
     }
 }
 
+/// Attention (single query), the MLP beside the residual stream (pair statistics for a
+/// narrow MLP, per-sample products over the active ReLU units for a wide one) and the
+/// unembedding, against the general path.
 #[test]
-fn mlp_beside_residual_matches_general_path() {
+fn transformer_closed_forms_match_general_path() {
     let data = ModularArithmetic::new(7, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
-    for (rule, n) in [
-        (integration::Rule::Gradient, 0),
-        (integration::Rule::GaussLegendre, 2),
+    for (rule, n, d_mlp) in [
+        (integration::Rule::Gradient, 0, 10),
+        (integration::Rule::GaussLegendre, 2, 10),
+        (integration::Rule::Gradient, 0, 40),
+        (integration::Rule::GaussLegendre, 2, 40),
     ] {
         let cfg = LibConfig {
-            node_layers: ["ln2.0", "unembed", "output"]
+            node_layers: ["ln1.0", "ln2.0", "unembed", "output"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -43,8 +52,8 @@ fn mlp_beside_residual_matches_general_path() {
             batch_size: 10,
             ..Default::default()
         };
-        let fast = build(&model(false), &data, &cfg).unwrap();
-        let slow = build(&model(true), &data, &cfg).unwrap();
+        let fast = build(&model_with(false, d_mlp), &data, &cfg).unwrap();
+        let slow = build(&model_with(true, d_mlp), &data, &cfg).unwrap();
         for (a, b) in fast.layers.iter().zip(&slow.layers) {
             for (x, y) in a.lambda.iter().zip(&b.lambda) {
                 assert!(
@@ -78,6 +87,23 @@ fn transformer_mlp_section_is_recognised() {
         m.node_index("output").unwrap(),
     );
     assert!(matches!(classify(&m.modules[from..to]), Shape::Linear(_)));
+    // The attention section keeps its last query (last_pos_module_type = add_resid1).
+    let (from, to) = (
+        m.node_index("ln1.0").unwrap(),
+        m.node_index("ln2.0").unwrap(),
+    );
+    assert!(ibasis::algorithm::attention::attention_section(&m.modules[from..to]).is_some());
+    // Which edge path each MLP width takes.
+    let cfg = LibConfig {
+        node_layers: vec!["ln2.0".into(), "unembed".into()],
+        ..Default::default()
+    };
+    for (d_mlp, path) in [(10, "pair statistics"), (40, "active ReLU units")] {
+        let m = model_with(false, d_mlp);
+        let layers = ibasis::algorithm::resolve_node_layers(&m, &cfg.node_layers).unwrap();
+        let p = ibasis::algorithm::edges::edge_path(&m, &cfg, &layers, 0, 7, 7);
+        assert!(p.contains(path), "d_mlp {d_mlp}: {p}");
+    }
 }
 
 #[test]

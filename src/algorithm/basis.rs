@@ -7,6 +7,7 @@
 //! this one (`M'`, 4.6), rotate into `M`'s eigenbasis with the masked directions fixed (4.7),
 //! truncate again (4.8) and scale each direction by `sqrt(Lambda)` (4.9).
 
+use super::attention::attention_section;
 use super::pass::{activations_at, fold};
 use super::section::{classify, Shape};
 use super::stats::Moments;
@@ -253,6 +254,13 @@ pub fn jacobian_metric(
     let stochastic =
         cfg.n_stochastic_sources_pos.is_some() || cfg.n_stochastic_sources_hidden.is_some();
     if formula == BasisFormula::Jacobian && !stochastic {
+        if let Some(att) = attention_section(&model.modules[from..to]) {
+            let label = format!("metric {}", layers[l].name);
+            return Ok(Metric {
+                m: att.metric(model, data, from, q, points, cfg.batch_size, &label),
+                lambda_prime: None,
+            });
+        }
         match classify(&model.modules[from..to]) {
             Shape::Linear(w) => {
                 // g = W Q at every position: M' = W Q Q^T W^T (the weights sum to 1).
@@ -309,6 +317,9 @@ pub fn metric_path(
     let stochastic =
         cfg.n_stochastic_sources_pos.is_some() || cfg.n_stochastic_sources_hidden.is_some();
     if cfg.basis_formula == BasisFormula::Jacobian && !stochastic {
+        if attention_section(&model.modules[from..to]).is_some() {
+            return "closed form, single-query attention".into();
+        }
         match classify(&model.modules[from..to]) {
             Shape::Linear(_) => return "closed form, linear section (no data)".into(),
             Shape::Dense { .. } => return "closed form, E[d d^T] of act(x W1) W2".into(),

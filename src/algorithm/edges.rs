@@ -5,12 +5,13 @@
 //! The bracket is a Jacobian-vector product with tangent `fhat_{., j} e_j` (section 11): one
 //! batched JVP per input feature gives every output feature and position at once.
 
+use super::attention::attention_section;
 use super::basis::data_positions;
 use super::pass::{activations_at, fold};
 use super::section::{classify, PartialAct, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
-use crate::models::{Model, Module, Section, Structure};
+use crate::models::{Activation, Model, Module, Section, Structure};
 use crate::tensor::linalg::{gemm, mm};
 use crate::tensor::Batch;
 use faer::Mat;
@@ -47,6 +48,20 @@ pub fn edges(
         .clone()
         .unwrap_or_else(|| Mat::identity(basis_out.d_orig, basis_out.d_orig));
     if cfg.edge_formula == EdgeFormula::Squared {
+        if let Some(att) = attention_section(&model.modules[from..to]) {
+            let label = format!("edges from {}", layers[l].name);
+            return Ok(att.edges(
+                model,
+                data,
+                from,
+                &c,
+                &c_pinv,
+                &q,
+                points,
+                cfg.batch_size,
+                &label,
+            ));
+        }
         if let Some(norm) = norm_section(&model.modules[from..to]) {
             return Ok(norm_edges(
                 model,
@@ -100,6 +115,24 @@ pub fn edges(
                     &layers[l].name,
                 ))
             }
+            // ReLU zeroes about half the units per sample: per-sample products over the
+            // active units only (method.md section 11's sparsity) beat a dense JVP.
+            Shape::Dense { w1, act, w2 } if act.act == Activation::Relu => {
+                return Ok(relu_edges(
+                    model,
+                    data,
+                    cfg,
+                    from,
+                    &c,
+                    &c_pinv,
+                    &w1,
+                    act,
+                    &w2,
+                    &q,
+                    points,
+                    &layers[l].name,
+                ))
+            }
             Shape::Dense { .. } | Shape::General => {}
         }
     }
@@ -119,6 +152,11 @@ pub fn edge_path(
     n_out: usize,
 ) -> String {
     let (from, to) = (layers[l].index, layers[l + 1].index);
+    if cfg.edge_formula == EdgeFormula::Squared
+        && attention_section(&model.modules[from..to]).is_some()
+    {
+        return "closed form, single-query attention".into();
+    }
     if cfg.edge_formula == EdgeFormula::Squared && norm_section(&model.modules[from..to]).is_some()
     {
         return "closed form, layer-norm section".into();
@@ -131,6 +169,9 @@ pub fn edge_path(
             Shape::Linear(_) => return "closed form, linear section".into(),
             Shape::Dense { w1, .. } if w1.ncols() < 4 * n_out => {
                 return "closed form, pair statistics".into()
+            }
+            Shape::Dense { act, .. } if act.act == Activation::Relu => {
+                return format!("per-sample products over the active ReLU units, {n_in} features")
             }
             _ => {}
         }
@@ -510,6 +551,84 @@ fn dense_edges(
         }
     }
     e
+}
+
+/// `act(x W1) W2` with a ReLU: per row (sample and position, the section acting on each
+/// position alone) the bracket is `fhat_j (F0 + A_S diag(dbar_S) B_S)_ji` with `A = C_pinv W1`,
+/// `B = W2 Q`, `F0 = A_L B_L` over the identity columns `L` (the carried residual), and `S` the
+/// units with `dbar != 0`: one `n_in x |S| x n_out` product per row instead of one over all
+/// `K` units.
+#[allow(clippy::too_many_arguments)]
+fn relu_edges(
+    model: &Model,
+    data: &dyn Dataset,
+    cfg: &LibConfig,
+    from: usize,
+    c: &Mat<f64>,
+    c_pinv: &Mat<f64>,
+    w1: &Mat<f64>,
+    act: PartialAct,
+    w2: &Mat<f64>,
+    q: &Mat<f64>,
+    points: &[(f64, f64)],
+    name: &str,
+) -> Mat<f64> {
+    let (n_in, n_out, k) = (c.ncols(), q.ncols(), w1.ncols());
+    let width = act.width.min(k);
+    let a = mm(c_pinv.as_ref(), w1.as_ref());
+    let bt = mm(w2.as_ref(), q.as_ref()).transpose().to_owned();
+    let f0 = mm(
+        a.subcols(width, k - width),
+        bt.subcols(width, k - width).transpose(),
+    );
+    let (et, rows) = fold(
+        data,
+        cfg.batch_size,
+        &format!("edges from {name}"),
+        || (Mat::<f64>::zeros(n_in, n_out), 0.0f64),
+        |acc, _, range| {
+            let f = activations_at(model, data, from, range);
+            let fhat = mm(f.data.as_ref(), c.as_ref());
+            let z = mm(fhat.as_ref(), a.subcols(0, width));
+            let dbar = act.integrated_derivative(&z, points);
+            let dbar_t = dbar.transpose().to_owned();
+            let fhat_t = fhat.transpose().to_owned();
+            let mut a_s = Mat::<f64>::zeros(n_in, width);
+            let mut b_s = Mat::<f64>::zeros(n_out, width);
+            let mut h = Mat::<f64>::zeros(n_in, n_out);
+            for row in 0..fhat.nrows() {
+                let mut m = 0;
+                for (unit, &d) in dbar_t.col_as_slice(row).iter().enumerate() {
+                    if d != 0.0 {
+                        for (o, v) in a_s.col_as_slice_mut(m).iter_mut().zip(a.col_as_slice(unit)) {
+                            *o = d * v;
+                        }
+                        b_s.col_as_slice_mut(m)
+                            .copy_from_slice(bt.col_as_slice(unit));
+                        m += 1;
+                    }
+                }
+                h.copy_from(&f0);
+                gemm(
+                    h.as_mut(),
+                    faer::Accum::Add,
+                    a_s.subcols(0, m),
+                    b_s.subcols(0, m).transpose(),
+                );
+                let fr = fhat_t.col_as_slice(row);
+                for i in 0..n_out {
+                    let dst = acc.0.col_as_slice_mut(i);
+                    for ((o, hv), fv) in dst.iter_mut().zip(h.col_as_slice(i)).zip(fr) {
+                        let b = fv * hv;
+                        *o += b * b;
+                    }
+                }
+            }
+            acc.1 += f.rows() as f64;
+        },
+        |a, b| (a.0 + b.0, a.1 + b.1),
+    );
+    et.transpose().to_owned() * faer::Scale(1.0 / rows)
 }
 
 /// The general path: one batched JVP per input feature at every integration point.

@@ -1,6 +1,7 @@
 //! The LIB algorithm (method.md sections 3-7): statistics, bases and edges, and [`build`], which
 //! runs them over a model and a dataset to produce a [`Graph`].
 
+pub mod attention;
 pub mod basis;
 pub mod edges;
 pub mod graph;

@@ -84,9 +84,10 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                     .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
                 dense = Some((w, PartialAct { act, width }));
             }
-            Structure::NormVar { .. } | Structure::NormOut { .. } | Structure::General => {
-                return Shape::General
-            }
+            Structure::NormVar { .. }
+            | Structure::NormOut { .. }
+            | Structure::Attention(_)
+            | Structure::General => return Shape::General,
         }
     }
     match (pre, dense) {
@@ -101,7 +102,7 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
 
 /// The matrix `W` (`in x out`) of a module whose VJP and JVP are one fixed linear map
 /// ([`Module::fixed_linear`]): row `i` is the JVP of the unit tangent `e_i`.
-fn materialise(m: &dyn Module) -> Mat<f64> {
+pub fn materialise(m: &dyn Module) -> Mat<f64> {
     let d = m.in_features();
     let x = crate::tensor::Batch::zeros(1, 1, 1, d);
     let (_, cache) = m.forward(&x);

@@ -58,6 +58,9 @@ pub enum Structure<'a> {
         eps: f64,
         keep_resid: bool,
     },
+    /// `attn_out` (method.md section 9): causal softmax attention, whose single-query form
+    /// (`last_pos`) has a closed-form Jacobian (`algorithm::attention`).
+    Attention(&'a transformer::attention::AttnOut),
     /// Anything else.
     General,
 }
@@ -88,6 +91,12 @@ pub trait Module: Send + Sync {
     /// once (with any cache) and reuse them for every sample.
     fn fixed_linear(&self) -> bool {
         false
+    }
+    /// Whether the module is one fixed linear map on inputs of a single position (as
+    /// [`Module::fixed_linear`], which it defaults to; a last-position wrapper of a fixed
+    /// linear module is one there, though it drops positions elsewhere).
+    fn fixed_linear_at_one_position(&self) -> bool {
+        self.fixed_linear()
     }
     /// Whether forward, VJP and JVP all return their input unchanged (a [`Section`] skips
     /// such modules instead of copying the batch).

@@ -141,11 +141,11 @@ impl AttnOut {
         self.kv_heads * self.d_head
     }
     /// `d_head + 1`: width of one head of `v` and `z`.
-    fn dv(&self) -> usize {
+    pub fn dv(&self) -> usize {
         self.d_head + 1
     }
     /// Width of `(q, k, v)`.
-    fn fqkv(&self) -> usize {
+    pub fn fqkv(&self) -> usize {
         self.fq() + self.fk() + self.kv_heads * self.dv()
     }
     /// The first query position computed.
@@ -158,12 +158,12 @@ impl AttnOut {
     }
     /// The first key query `t` attends to.
     #[inline]
-    fn first_key(&self, t: usize) -> usize {
+    pub fn first_key(&self, t: usize) -> usize {
         self.window.map_or(0, |w| (t + 1).saturating_sub(w))
     }
     /// Offsets of query head `h`'s `q`, and of its kv head's `k` and `v`, inside a row of
     /// `(q, k, v)`.
-    fn offsets(&self, h: usize) -> (usize, usize, usize) {
+    pub fn offsets(&self, h: usize) -> (usize, usize, usize) {
         let (fq, dh) = (self.fq(), self.d_head);
         let g = h / (self.heads / self.kv_heads);
         (h * dh, fq + g * dh, fq + self.fk() + g * self.dv())
@@ -618,6 +618,9 @@ impl Module for AttnOut {
         } else {
             in_pos
         }
+    }
+    fn structure(&self) -> crate::models::Structure<'_> {
+        crate::models::Structure::Attention(self)
     }
 
     /// `p_t = softmax_{s in K(t)}(scale q_t . k_s)`, `z_t = sum_s p_ts v_s`, `attn = z W_O'`:

@@ -943,6 +943,9 @@ impl Module for LastPos {
     fn out_pos(&self, _: usize) -> usize {
         1
     }
+    fn fixed_linear_at_one_position(&self) -> bool {
+        self.0.fixed_linear()
+    }
 
     fn forward(&self, x: &Batch) -> (Batch, Cache) {
         let (y, inner) = self.0.forward(&last_rows(x));

@@ -1,0 +1,602 @@
+//! Closed forms for a single-query attention section (method.md section 11): the Jacobian
+//! metric `M'` of section 4.6 and the squared edges of section 5 without one VJP per output
+//! direction or one JVP per input feature.
+//!
+//! The section is `f -> y = f W_pre -> attn_out (last query T only) -> (attn, x_T) W_post`,
+//! with `W_pre` (`d_in x (fqkv + R)`) and `W_post` (`2R x d_out`) the fixed linear modules
+//! around `attn_out` (identity layer norms, `attn_in`, `add_resid1`). With the projection `Q`
+//! onto the next basis, `Gamma = W_post Q` (rows `Gamma_a` on `attn`, `Gamma_x` on `x`) and
+//! `Psi_h = W_O'_h Gamma_a` (`dv x n_c`), the output is `yhat = sum_h z_h Psi_h + x_T Gamma_x`.
+//! At integration point `(a_p, w_p)` (bias folded: `q, k, v` scale by `a_p`) head `h` has
+//! `p_hs = softmax_s(a_p^2 scale q_h . k_hs)`, `z~_h = sum_s p_hs v_hs`, and the Jacobian of
+//! `yhat` with respect to input position `s`, summed over the points, is (`d_in x n_c`)
+//!
+//! `Jbar_s = sum_h beta_hs B_h + [s = T] wsum B_X`
+//! `       + sum_{h,p} (W_K,h kq_hp) omega_hps^T + [s = T] sum_{h,p,s'} (W_Q,h qk_hps') omega_hps'^T`
+//!
+//! with `B_h = W_V,h Psi_h`, `B_X = W_X Gamma_x`, `beta_hs = sum_p w_p p_hs`,
+//! `wsum = sum_p w_p`, `u_hps = w_p a_p p_hs (v_hs - z~_h)` (`dv`), `omega_hps = Psi_h^T u_hps`,
+//! `kq_hp = scale a_p q_h` and `qk_hps = scale a_p k_hs` (`d_head`): the value path is a
+//! p-weighted sum of fixed matrices, the score path a few rank-one terms per head. Squaring
+//! only needs per-sample products in `d_head`- and `dv`-sized spaces; the `d_in`-sized
+//! products happen once at the end.
+
+use super::pass::{activations_at, fold};
+use crate::data::Dataset;
+use crate::models::transformer::attention::AttnOut;
+use crate::models::{Model, Module, Structure};
+use crate::tensor::linalg::{gemm, mm};
+use faer::{Accum, Mat, MatRef};
+
+/// A section `fixed linear -> attn_out (last query, no rotary) -> fixed linear`.
+pub struct AttentionSection<'a> {
+    /// `W_pre`, `d_in x (fqkv + R)`.
+    pre: Mat<f64>,
+    attn: &'a AttnOut,
+    /// `W_post`, `2R x d_out`.
+    post: Mat<f64>,
+}
+
+/// Recognises an attention section: identities and fixed linear modules, one `attn_out`
+/// without rotary embeddings whose last query alone is kept, then modules linear on that one
+/// position.
+pub fn attention_section(modules: &[Box<dyn Module>]) -> Option<AttentionSection<'_>> {
+    let i = modules
+        .iter()
+        .position(|m| matches!(m.structure(), Structure::Attention(_)))?;
+    let Structure::Attention(attn) = modules[i].structure() else {
+        return None;
+    };
+    // One query: attention computes only the last (`last_pos`), or the next module keeps
+    // only the last position (`last_pos_module_type = add_resid1`).
+    let next = modules[i + 1..].iter().find(|m| !m.is_identity());
+    let single = attn.last_pos || next.is_some_and(|m| m.out_pos(2) == 1);
+    if !single || attn.rotary.is_some() {
+        return None;
+    }
+    let chain = |ms: &[Box<dyn Module>], one_position: bool, width: usize| {
+        let mut acc = Mat::<f64>::identity(width, width);
+        for m in ms {
+            if m.is_identity() {
+                continue;
+            }
+            let linear = if one_position {
+                m.fixed_linear_at_one_position()
+            } else {
+                m.fixed_linear()
+            };
+            if !linear {
+                return None;
+            }
+            acc = mm(
+                acc.as_ref(),
+                super::section::materialise(m.as_ref()).as_ref(),
+            );
+        }
+        Some(acc)
+    };
+    let d_in = modules[0].in_features();
+    let pre = chain(&modules[..i], false, d_in)?;
+    let post = chain(&modules[i + 1..], true, attn.out_features())?;
+    Some(AttentionSection { pre, attn, post })
+}
+
+/// The attention at the last query of every sample of a batch, at every integration point:
+/// the per-sample coefficients of `Jbar_s` (module docs).
+struct Local {
+    pos: usize,
+    points: usize,
+    /// `beta[(x H + h) pos + s]`.
+    beta: Vec<f64>,
+    /// Per head, `dv x (n P pos)`: column `(x P + p) pos + s` is `u_hps`.
+    u: Vec<Mat<f64>>,
+    /// Per head, `d_head x (n P)`: column `x P + p` is `kq_hp`.
+    kq: Vec<Mat<f64>>,
+    /// Per head, `d_head x (n P pos)`: column `(x P + p) pos + s` is `qk_hps`.
+    qk: Vec<Mat<f64>>,
+}
+
+impl Local {
+    fn col(&self, x: usize, p: usize, s: usize) -> usize {
+        (x * self.points + p) * self.pos + s
+    }
+}
+
+impl AttentionSection<'_> {
+    fn heads(&self) -> usize {
+        self.attn.heads
+    }
+    fn resid(&self) -> usize {
+        self.attn.resid
+    }
+    /// Column blocks of `W_pre`: head `h`'s query, its kv head's key and value, the residual.
+    fn w_q(&self, h: usize) -> MatRef<'_, f64> {
+        self.pre.subcols(self.attn.offsets(h).0, self.attn.d_head)
+    }
+    fn w_k(&self, h: usize) -> MatRef<'_, f64> {
+        self.pre.subcols(self.attn.offsets(h).1, self.attn.d_head)
+    }
+    fn w_v(&self, h: usize) -> MatRef<'_, f64> {
+        self.pre.subcols(self.attn.offsets(h).2, self.attn.dv())
+    }
+    fn w_x(&self) -> MatRef<'_, f64> {
+        self.pre.subcols(self.attn.fqkv(), self.resid())
+    }
+    /// Block `b` of the score path: `W_K,b` for `b < H`, `W_Q,b-H` after.
+    fn w_score(&self, b: usize) -> MatRef<'_, f64> {
+        let h = self.heads();
+        if b < h {
+            self.w_k(b)
+        } else {
+            self.w_q(b - h)
+        }
+    }
+
+    /// `Psi_h = W_O'_h Gamma_a` per head and `Gamma_x`, for the projection `q` (`d_out x n_c`).
+    fn psi(&self, q: &Mat<f64>) -> (Vec<Mat<f64>>, Mat<f64>) {
+        let gamma = mm(self.post.as_ref(), q.as_ref());
+        let (r, dv) = (self.resid(), self.attn.dv());
+        let psi = (0..self.heads())
+            .map(|h| mm(self.attn.w_o.subrows(h * dv, dv), gamma.subrows(0, r)))
+            .collect();
+        (psi, gamma.subrows(r, r).to_owned())
+    }
+
+    /// `B_h = W_V,h Psi_h` per head, then `B_X = W_X Gamma_x` (`d_in x n_c`).
+    fn value_maps(&self, psi: &[Mat<f64>], gamma_x: &Mat<f64>) -> Vec<Mat<f64>> {
+        let mut b: Vec<Mat<f64>> = (0..self.heads())
+            .map(|h| mm(self.w_v(h), psi[h].as_ref()))
+            .collect();
+        b.push(mm(self.w_x(), gamma_x.as_ref()));
+        b
+    }
+
+    /// [`Local`] of the batch whose prefix outputs are `y` (rows `(x, s)`).
+    // Positions index the logits, weights and rows together.
+    #[allow(clippy::needless_range_loop)]
+    fn local(&self, y: &Mat<f64>, n: usize, pos: usize, points: &[(f64, f64)]) -> Local {
+        let a = self.attn;
+        let (heads, dh, dv, np) = (a.heads, a.d_head, a.dv(), points.len());
+        let t = pos - 1;
+        let s0 = a.first_key(t);
+        // Row-major prefix outputs: column r of yt is row r of y.
+        let yt = y.transpose().to_owned();
+        let mut local = Local {
+            pos,
+            points: np,
+            beta: vec![0.0; n * heads * pos],
+            u: (0..heads).map(|_| Mat::zeros(dv, n * np * pos)).collect(),
+            kq: (0..heads).map(|_| Mat::zeros(dh, n * np)).collect(),
+            qk: (0..heads).map(|_| Mat::zeros(dh, n * np * pos)).collect(),
+        };
+        let mut logits = vec![0.0; pos];
+        let mut prob = vec![0.0; pos];
+        let mut z = vec![0.0; dv];
+        for x in 0..n {
+            let row = |s: usize| yt.col_as_slice(x * pos + s);
+            for h in 0..heads {
+                let (oq, ok, ov) = a.offsets(h);
+                let q = &row(t)[oq..oq + dh];
+                for s in s0..=t {
+                    logits[s] = dot(q, &row(s)[ok..ok + dh]);
+                }
+                for (p, &(ap, wp)) in points.iter().enumerate() {
+                    // p_hs = softmax(a_p^2 scale q . k_s) over the window.
+                    let c = ap * ap * a.scale;
+                    let max = (s0..=t).map(|s| c * logits[s]).fold(f64::MIN, f64::max);
+                    let mut sum = 0.0;
+                    for s in s0..=t {
+                        prob[s] = (c * logits[s] - max).exp();
+                        sum += prob[s];
+                    }
+                    z.fill(0.0);
+                    for s in s0..=t {
+                        prob[s] /= sum;
+                        local.beta[(x * heads + h) * pos + s] += wp * prob[s];
+                        for (zi, vi) in z.iter_mut().zip(&row(s)[ov..ov + dv]) {
+                            *zi += prob[s] * vi;
+                        }
+                    }
+                    for s in s0..=t {
+                        let col = local.col(x, p, s);
+                        let coef = wp * ap * prob[s];
+                        let v = &row(s)[ov..ov + dv];
+                        for ((ui, vi), zi) in
+                            local.u[h].col_as_slice_mut(col).iter_mut().zip(v).zip(&z)
+                        {
+                            *ui = coef * (vi - zi);
+                        }
+                    }
+                    let sa = a.scale * ap;
+                    for (o, qi) in local.kq[h].col_as_slice_mut(x * np + p).iter_mut().zip(q) {
+                        *o = sa * qi;
+                    }
+                    for s in 0..pos {
+                        let col = local.col(x, p, s);
+                        let k = &row(s)[ok..ok + dh];
+                        for (o, ki) in local.qk[h].col_as_slice_mut(col).iter_mut().zip(k) {
+                            *o = sa * ki;
+                        }
+                    }
+                }
+            }
+        }
+        local
+    }
+
+    /// `beta_ms` for `m` over the heads, then `X` (`wsum` at the last position).
+    fn betas(&self, local: &Local, x: usize, s: usize, wsum: f64, out: &mut [f64]) {
+        let (heads, pos) = (self.heads(), local.pos);
+        for (h, o) in out[..heads].iter_mut().enumerate() {
+            *o = local.beta[(x * heads + h) * pos + s];
+        }
+        out[heads] = if s == pos - 1 { wsum } else { 0.0 };
+    }
+
+    /// `M' = 1/(N P_in) sum_x sum_s Jbar_s Jbar_s^T` (method.md section 4.6) for the next
+    /// layer's projection `q`:
+    ///
+    /// `N P_in M' = sum_{m,m'} S_mm' B_m B_m'^T + sum_{m,b} (Y_mb A_mb W_b^T + transpose)
+    ///            + sum_{b,b'} W_b C_bb' W_b'^T`
+    ///
+    /// over value maps `m` (heads, then `X`) and score blocks `b` (`K_h`, then `Q_h`), with
+    /// `S_mm' = sum beta_ms beta_m's`, `Y_mb = B_m Psi_h(b)^T`, `A_mb = sum beta_ms u_r kappa_r^T`
+    /// and `C_bb' = sum (omega_r . omega_r') kappa_r kappa_r'^T` over the rank-one terms `r`
+    /// (in block `b`, with vectors `kappa_r = kq` or `qk`) and `r'` (in `b'`) at the same `s`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn metric(
+        &self,
+        model: &Model,
+        data: &dyn Dataset,
+        from: usize,
+        q: &Mat<f64>,
+        points: &[(f64, f64)],
+        batch: usize,
+        label: &str,
+    ) -> Mat<f64> {
+        let (heads, dh, dv) = (self.heads(), self.attn.d_head, self.attn.dv());
+        let nm = heads + 1;
+        let nb = 2 * heads;
+        let wsum: f64 = points.iter().map(|p| p.1).sum();
+        let (psi, gamma_x) = self.psi(q);
+        let pre = &self.pre;
+        // Accumulators: S (nm x nm), A (rows (m, dv), cols (b, dh)), C (rows and cols (b, dh)).
+        type Acc = (Mat<f64>, Mat<f64>, Mat<f64>, f64);
+        let (s_acc, a_acc, c_acc, count) = fold(
+            data,
+            batch,
+            label,
+            || -> Acc {
+                (
+                    Mat::zeros(nm, nm),
+                    Mat::zeros(nm * dv, nb * dh),
+                    Mat::zeros(nb * dh, nb * dh),
+                    0.0,
+                )
+            },
+            |acc, _, range| {
+                let f = activations_at(model, data, from, range);
+                let (n, pos) = (f.n, f.pos);
+                let t = pos - 1;
+                let y = mm(f.data.as_ref(), pre.as_ref());
+                let local = self.local(&y, n, pos, points);
+                let np = local.points;
+                let omega: Vec<Mat<f64>> = (0..heads)
+                    .map(|h| mm(psi[h].transpose(), local.u[h].as_ref()))
+                    .collect();
+                let mut beta = vec![0.0; nm];
+                let mut beta_t = vec![0.0; nm];
+                let mut ubar = vec![0.0; dv];
+                let mut m_q = Mat::<f64>::zeros(dv, dh);
+                let mut v = vec![0.0; nb * dh];
+                for x in 0..n {
+                    self.betas(&local, x, t, wsum, &mut beta_t);
+                    for s in 0..pos {
+                        self.betas(&local, x, s, wsum, &mut beta);
+                        for i in 0..nm {
+                            for j in 0..nm {
+                                acc.0[(i, j)] += beta[i] * beta[j];
+                            }
+                        }
+                    }
+                    for h in 0..heads {
+                        for p in 0..np {
+                            // A, key block: sum_s beta_ms u_hps, times kq_hp^T.
+                            let kq = local.kq[h].col_as_slice(x * np + p);
+                            for m in 0..nm {
+                                ubar.fill(0.0);
+                                for s in 0..pos {
+                                    self.betas(&local, x, s, wsum, &mut beta);
+                                    let u = local.u[h].col_as_slice(local.col(x, p, s));
+                                    for (o, ui) in ubar.iter_mut().zip(u) {
+                                        *o += beta[m] * ui;
+                                    }
+                                }
+                                outer_add(&mut acc.1, m * dv, h * dh, &ubar, kq, 1.0);
+                            }
+                            // A, query block (s = T): beta_mT sum_s' u_hps' qk_hps'^T.
+                            m_q.fill(0.0);
+                            for s in 0..pos {
+                                let c = local.col(x, p, s);
+                                let (u, k) =
+                                    (local.u[h].col_as_slice(c), local.qk[h].col_as_slice(c));
+                                outer_add(&mut m_q, 0, 0, u, k, 1.0);
+                            }
+                            for (m, bm) in beta_t.iter().enumerate() {
+                                for j in 0..dh {
+                                    let dst = &mut acc.1.col_as_slice_mut((heads + h) * dh + j)
+                                        [m * dv..(m + 1) * dv];
+                                    for (o, v) in dst.iter_mut().zip(m_q.col_as_slice(j)) {
+                                        *o += bm * v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // C: the rank-one terms at each position s are the key terms (h, p) with
+                    // omega_hps, and at s = T also the query terms (h, p, s') with omega_hps'.
+                    // Key terms share kq_hp over s, so their v-vectors add up over s first.
+                    let terms_at = |s: usize| -> Vec<(usize, usize, usize)> {
+                        // (block, head-major omega column (h, x, p, s'), kappa column)
+                        let mut v = Vec::new();
+                        for h in 0..heads {
+                            for p in 0..np {
+                                v.push((h, local.col(x, p, s), x * np + p));
+                            }
+                        }
+                        if s == t {
+                            for h in 0..heads {
+                                for p in 0..np {
+                                    for s2 in 0..pos {
+                                        let c = local.col(x, p, s2);
+                                        v.push((heads + h, c, c));
+                                    }
+                                }
+                            }
+                        }
+                        v
+                    };
+                    let kappa = |b: usize, col: usize| -> &[f64] {
+                        if b < heads {
+                            local.kq[b].col_as_slice(col)
+                        } else {
+                            local.qk[b - heads].col_as_slice(col)
+                        }
+                    };
+                    let om = |b: usize, col: usize| omega[b % heads].col_as_slice(col);
+                    // v_r = sum_{r' at s} (omega_r . omega_r') kappa_r' in block b(r').
+                    let accumulate_v = |v: &mut [f64], b: usize, col: usize, s: usize| {
+                        let w = om(b, col);
+                        for (b2, col2, kcol2) in terms_at(s) {
+                            let c = dot(w, om(b2, col2));
+                            for (o, k) in v[b2 * dh..(b2 + 1) * dh].iter_mut().zip(kappa(b2, kcol2))
+                            {
+                                *o += c * k;
+                            }
+                        }
+                    };
+                    for h in 0..heads {
+                        for p in 0..np {
+                            v.fill(0.0);
+                            for s in 0..pos {
+                                accumulate_v(&mut v, h, local.col(x, p, s), s);
+                            }
+                            outer_add(
+                                &mut acc.2,
+                                h * dh,
+                                0,
+                                local.kq[h].col_as_slice(x * np + p),
+                                &v,
+                                1.0,
+                            );
+                        }
+                    }
+                    for h in 0..heads {
+                        for p in 0..np {
+                            for s2 in 0..pos {
+                                let c = local.col(x, p, s2);
+                                v.fill(0.0);
+                                accumulate_v(&mut v, heads + h, c, t);
+                                outer_add(
+                                    &mut acc.2,
+                                    (heads + h) * dh,
+                                    0,
+                                    local.qk[h].col_as_slice(c),
+                                    &v,
+                                    1.0,
+                                );
+                            }
+                        }
+                    }
+                }
+                acc.3 += f.rows() as f64;
+            },
+            |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3),
+        );
+        // Assemble in d_in space.
+        let b = self.value_maps(&psi, &gamma_x);
+        let d_in = pre.nrows();
+        let mut m = Mat::<f64>::zeros(d_in, d_in);
+        for (i, bi) in b.iter().enumerate() {
+            let mut bbar = Mat::<f64>::zeros(d_in, bi.ncols());
+            for (j, bj) in b.iter().enumerate() {
+                bbar += faer::Scale(s_acc[(i, j)]) * bj;
+            }
+            gemm(m.as_mut(), Accum::Add, bi.as_ref(), bbar.transpose());
+        }
+        let mut cross = Mat::<f64>::zeros(d_in, d_in);
+        for (i, bi) in b.iter().enumerate() {
+            for blk in 0..nb {
+                let y = mm(bi.as_ref(), psi[blk % heads].transpose());
+                let ya = mm(y.as_ref(), a_acc.submatrix(i * dv, blk * dh, dv, dh));
+                gemm(
+                    cross.as_mut(),
+                    Accum::Add,
+                    ya.as_ref(),
+                    self.w_score(blk).transpose(),
+                );
+            }
+        }
+        m += &cross + cross.transpose();
+        let w_all = {
+            let mut w = Mat::<f64>::zeros(d_in, nb * dh);
+            for blk in 0..nb {
+                w.subcols_mut(blk * dh, dh).copy_from(self.w_score(blk));
+            }
+            w
+        };
+        let wc = mm(w_all.as_ref(), c_acc.as_ref());
+        gemm(m.as_mut(), Accum::Add, wc.as_ref(), w_all.transpose());
+        m * faer::Scale(1.0 / count)
+    }
+
+    /// Squared edges (method.md section 5), `(n_out, n_in)`: per sample the bracket
+    /// `sum_s diag(fhat_s) C_pinv Jbar_s` (`n_in x n_out`, `Jbar` evaluated at `fhat C_pinv`) is
+    /// `sum_m diag(sum_s beta_ms fhat_s) F_m` (`F_m = C_pinv B_m`) plus one GEMM of rank
+    /// `2 H P pos`: columns `fhat_s o (C_pinv W_K,h kq_hp)` and `fhat_T o (C_pinv W_Q,h qk_hps')`
+    /// against rows `omega_hps`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn edges(
+        &self,
+        model: &Model,
+        data: &dyn Dataset,
+        from: usize,
+        c: &Mat<f64>,
+        c_pinv: &Mat<f64>,
+        q: &Mat<f64>,
+        points: &[(f64, f64)],
+        batch: usize,
+        label: &str,
+    ) -> Mat<f64> {
+        let heads = self.heads();
+        let (n_in, n_out) = (c.ncols(), q.ncols());
+        let nm = heads + 1;
+        let wsum: f64 = points.iter().map(|p| p.1).sum();
+        let (psi, gamma_x) = self.psi(q);
+        let f_maps: Vec<Mat<f64>> = self
+            .value_maps(&psi, &gamma_x)
+            .iter()
+            .map(|b| mm(c_pinv.as_ref(), b.as_ref()))
+            .collect();
+        let pk: Vec<Mat<f64>> = (0..heads)
+            .map(|h| mm(c_pinv.as_ref(), self.w_k(h)))
+            .collect();
+        let pq: Vec<Mat<f64>> = (0..heads)
+            .map(|h| mm(c_pinv.as_ref(), self.w_q(h)))
+            .collect();
+        let pre = &self.pre;
+        let (et, count) = fold(
+            data,
+            batch,
+            label,
+            || (Mat::<f64>::zeros(n_in, n_out), 0.0f64),
+            |acc, _, range| {
+                let f = activations_at(model, data, from, range);
+                let (n, pos) = (f.n, f.pos);
+                let t = pos - 1;
+                let fhat = mm(f.data.as_ref(), c.as_ref());
+                let proj = mm(fhat.as_ref(), c_pinv.as_ref());
+                let y = mm(proj.as_ref(), pre.as_ref());
+                let local = self.local(&y, n, pos, points);
+                let np = local.points;
+                let omega: Vec<Mat<f64>> = (0..heads)
+                    .map(|h| mm(psi[h].transpose(), local.u[h].as_ref()))
+                    .collect();
+                let khat: Vec<Mat<f64>> = (0..heads)
+                    .map(|h| mm(pk[h].as_ref(), local.kq[h].as_ref()))
+                    .collect();
+                let qhat: Vec<Mat<f64>> = (0..heads)
+                    .map(|h| mm(pq[h].as_ref(), local.qk[h].as_ref()))
+                    .collect();
+                let fhat_t = fhat.transpose().to_owned();
+                let rank = 2 * heads * np * pos;
+                let mut lhs = Mat::<f64>::zeros(n_in, rank);
+                let mut rhs = Mat::<f64>::zeros(n_out, rank);
+                let mut bracket = Mat::<f64>::zeros(n_in, n_out);
+                let mut beta = vec![0.0; nm];
+                let mut w = vec![0.0; n_in];
+                for x in 0..n {
+                    let fs = |s: usize| fhat_t.col_as_slice(x * pos + s);
+                    bracket.fill(0.0);
+                    for (m, fm) in f_maps.iter().enumerate() {
+                        w.fill(0.0);
+                        for s in 0..pos {
+                            self.betas(&local, x, s, wsum, &mut beta);
+                            for (o, fv) in w.iter_mut().zip(fs(s)) {
+                                *o += beta[m] * fv;
+                            }
+                        }
+                        for i in 0..n_out {
+                            let (dst, src) = (bracket.col_as_slice_mut(i), fm.col_as_slice(i));
+                            for ((o, a), b) in dst.iter_mut().zip(src).zip(&w) {
+                                *o += a * b;
+                            }
+                        }
+                    }
+                    let mut r = 0;
+                    for h in 0..heads {
+                        for p in 0..np {
+                            let kh = khat[h].col_as_slice(x * np + p);
+                            for s in 0..pos {
+                                let col = local.col(x, p, s);
+                                for ((o, a), b) in
+                                    lhs.col_as_slice_mut(r).iter_mut().zip(fs(s)).zip(kh)
+                                {
+                                    *o = a * b;
+                                }
+                                rhs.col_as_slice_mut(r)
+                                    .copy_from_slice(omega[h].col_as_slice(col));
+                                r += 1;
+                                let qh = qhat[h].col_as_slice(col);
+                                for ((o, a), b) in
+                                    lhs.col_as_slice_mut(r).iter_mut().zip(fs(t)).zip(qh)
+                                {
+                                    *o = a * b;
+                                }
+                                rhs.col_as_slice_mut(r)
+                                    .copy_from_slice(omega[h].col_as_slice(col));
+                                r += 1;
+                            }
+                        }
+                    }
+                    gemm(bracket.as_mut(), Accum::Add, lhs.as_ref(), rhs.transpose());
+                    for i in 0..n_out {
+                        for (o, b) in acc
+                            .0
+                            .col_as_slice_mut(i)
+                            .iter_mut()
+                            .zip(bracket.col_as_slice(i))
+                        {
+                            *o += b * b;
+                        }
+                    }
+                }
+                acc.1 += f.rows() as f64;
+            },
+            |a, b| (a.0 + b.0, a.1 + b.1),
+        );
+        et.transpose().to_owned() * faer::Scale(1.0 / count)
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `m[r0.., c0..] += alpha a b^T` (col-major: one axpy per column of the block).
+fn outer_add(m: &mut Mat<f64>, r0: usize, c0: usize, a: &[f64], b: &[f64], alpha: f64) {
+    for (j, bj) in b.iter().enumerate() {
+        let s = alpha * bj;
+        if s == 0.0 {
+            continue;
+        }
+        let col = &mut m.col_as_slice_mut(c0 + j)[r0..r0 + a.len()];
+        for (o, ai) in col.iter_mut().zip(a) {
+            *o += s * ai;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "attention_tests.rs"]
+mod tests;
