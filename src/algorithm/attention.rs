@@ -243,6 +243,12 @@ impl AttentionSection<'_> {
     /// `S_mm' = sum beta_ms beta_m's`, `Y_mb = B_m Psi_h(b)^T`, `A_mb = sum beta_ms u_r kappa_r^T`
     /// and `C_bb' = sum (omega_r . omega_r') kappa_r kappa_r'^T` over the rank-one terms `r`
     /// (in block `b`, with vectors `kappa_r = kq` or `qk`) and `r'` (in `b'`) at the same `s`.
+    ///
+    /// The key terms of a head share `kappa = kq_hp` at every `s`, so a sample has one key term
+    /// per `(h, p)` (its `u` and `v` summed over `s`) and `P pos` query terms per head. Per
+    /// block `b` the terms of a batch are the columns of `L_b` (`kappa_r`) and of `R_b`
+    /// (`sum_m beta u_r` per `m`, then `v_r = sum_r' (omega_r . omega_r') kappa_r'` placed in
+    /// block `b(r')`), and `[A_.b^T | C_b.] += L_b R_b^T` is one GEMM.
     #[allow(clippy::too_many_arguments)]
     pub fn metric(
         &self,
@@ -257,23 +263,17 @@ impl AttentionSection<'_> {
         let (heads, dh, dv) = (self.heads(), self.attn.d_head, self.attn.dv());
         let nm = heads + 1;
         let nb = 2 * heads;
+        let width = nm * dv + nb * dh;
         let wsum: f64 = points.iter().map(|p| p.1).sum();
         let (psi, gamma_x) = self.psi(q);
         let pre = &self.pre;
-        // Accumulators: S (nm x nm), A (rows (m, dv), cols (b, dh)), C (rows and cols (b, dh)).
-        type Acc = (Mat<f64>, Mat<f64>, Mat<f64>, f64);
-        let (s_acc, a_acc, c_acc, count) = fold(
+        // S (nm x nm); rows (b, dh) of [A_.b^T | C_b.] (`nb dh x width`).
+        type Acc = (Mat<f64>, Mat<f64>, f64);
+        let (s_acc, ac_acc, count) = fold(
             data,
             batch,
             label,
-            || -> Acc {
-                (
-                    Mat::zeros(nm, nm),
-                    Mat::zeros(nm * dv, nb * dh),
-                    Mat::zeros(nb * dh, nb * dh),
-                    0.0,
-                )
-            },
+            || -> Acc { (Mat::zeros(nm, nm), Mat::zeros(nb * dh, width), 0.0) },
             |acc, _, range| {
                 let f = activations_at(model, data, from, range);
                 let (n, pos) = (f.n, f.pos);
@@ -284,135 +284,100 @@ impl AttentionSection<'_> {
                 let omega: Vec<Mat<f64>> = (0..heads)
                     .map(|h| mm(psi[h].transpose(), local.u[h].as_ref()))
                     .collect();
-                let mut beta = vec![0.0; nm];
-                let mut beta_t = vec![0.0; nm];
-                let mut ubar = vec![0.0; dv];
-                let mut m_q = Mat::<f64>::zeros(dv, dh);
-                let mut v = vec![0.0; nb * dh];
+                // Term columns per block: key blocks n P, query blocks n P pos.
+                let cols = |b: usize| if b < heads { n * np } else { n * np * pos };
+                let mut l_mats: Vec<Mat<f64>> = (0..nb).map(|b| Mat::zeros(dh, cols(b))).collect();
+                let mut r_mats: Vec<Mat<f64>> =
+                    (0..nb).map(|b| Mat::zeros(width, cols(b))).collect();
+                // Gram of a sample's omega_hps, index (h P + p) pos + s.
+                let nt = heads * np * pos;
+                let mut gram = vec![0.0; nt * nt];
+                let mut beta = vec![0.0; nm * pos];
                 for x in 0..n {
-                    self.betas(&local, x, t, wsum, &mut beta_t);
+                    let om = |i: usize| {
+                        let (hp, s) = (i / pos, i % pos);
+                        omega[hp / np].col_as_slice(local.col(x, hp % np, s))
+                    };
+                    for i in 0..nt {
+                        for j in 0..=i {
+                            let g = dot(om(i), om(j));
+                            gram[i * nt + j] = g;
+                            gram[j * nt + i] = g;
+                        }
+                    }
                     for s in 0..pos {
-                        self.betas(&local, x, s, wsum, &mut beta);
+                        self.betas(&local, x, s, wsum, &mut beta[s * nm..(s + 1) * nm]);
+                        let b = &beta[s * nm..(s + 1) * nm];
                         for i in 0..nm {
                             for j in 0..nm {
-                                acc.0[(i, j)] += beta[i] * beta[j];
+                                acc.0[(i, j)] += b[i] * b[j];
                             }
                         }
                     }
-                    for h in 0..heads {
-                        for p in 0..np {
-                            // A, key block: sum_s beta_ms u_hps, times kq_hp^T.
-                            let kq = local.kq[h].col_as_slice(x * np + p);
-                            for m in 0..nm {
-                                ubar.fill(0.0);
-                                for s in 0..pos {
-                                    self.betas(&local, x, s, wsum, &mut beta);
-                                    let u = local.u[h].col_as_slice(local.col(x, p, s));
-                                    for (o, ui) in ubar.iter_mut().zip(u) {
-                                        *o += beta[m] * ui;
-                                    }
-                                }
-                                outer_add(&mut acc.1, m * dv, h * dh, &ubar, kq, 1.0);
-                            }
-                            // A, query block (s = T): beta_mT sum_s' u_hps' qk_hps'^T.
-                            m_q.fill(0.0);
-                            for s in 0..pos {
-                                let c = local.col(x, p, s);
-                                let (u, k) =
-                                    (local.u[h].col_as_slice(c), local.qk[h].col_as_slice(c));
-                                outer_add(&mut m_q, 0, 0, u, k, 1.0);
-                            }
-                            for (m, bm) in beta_t.iter().enumerate() {
-                                for j in 0..dh {
-                                    let dst = &mut acc.1.col_as_slice_mut((heads + h) * dh + j)
-                                        [m * dv..(m + 1) * dv];
-                                    for (o, v) in dst.iter_mut().zip(m_q.col_as_slice(j)) {
-                                        *o += bm * v;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    // C: the rank-one terms at each position s are the key terms (h, p) with
-                    // omega_hps, and at s = T also the query terms (h, p, s') with omega_hps'.
-                    // Key terms share kq_hp over s, so their v-vectors add up over s first.
-                    let terms_at = |s: usize| -> Vec<(usize, usize, usize)> {
-                        // (block, head-major omega column (h, x, p, s'), kappa column)
-                        let mut v = Vec::new();
-                        for h in 0..heads {
-                            for p in 0..np {
-                                v.push((h, local.col(x, p, s), x * np + p));
-                            }
-                        }
-                        if s == t {
-                            for h in 0..heads {
-                                for p in 0..np {
+                    let idx = |h: usize, p: usize, s: usize| (h * np + p) * pos + s;
+                    // v += sum over the terms at s of gram(i, .) kappa, placed by block.
+                    let add_v = |v: &mut [f64], i: usize, s: usize| {
+                        for h2 in 0..heads {
+                            for p2 in 0..np {
+                                let c = gram[i * nt + idx(h2, p2, s)];
+                                let k = local.kq[h2].col_as_slice(x * np + p2);
+                                axpy(&mut v[h2 * dh..(h2 + 1) * dh], c, k);
+                                if s == t {
                                     for s2 in 0..pos {
-                                        let c = local.col(x, p, s2);
-                                        v.push((heads + h, c, c));
+                                        let c = gram[i * nt + idx(h2, p2, s2)];
+                                        let k = local.qk[h2].col_as_slice(local.col(x, p2, s2));
+                                        let o = (heads + h2) * dh;
+                                        axpy(&mut v[o..o + dh], c, k);
                                     }
                                 }
                             }
                         }
-                        v
-                    };
-                    let kappa = |b: usize, col: usize| -> &[f64] {
-                        if b < heads {
-                            local.kq[b].col_as_slice(col)
-                        } else {
-                            local.qk[b - heads].col_as_slice(col)
-                        }
-                    };
-                    let om = |b: usize, col: usize| omega[b % heads].col_as_slice(col);
-                    // v_r = sum_{r' at s} (omega_r . omega_r') kappa_r' in block b(r').
-                    let accumulate_v = |v: &mut [f64], b: usize, col: usize, s: usize| {
-                        let w = om(b, col);
-                        for (b2, col2, kcol2) in terms_at(s) {
-                            let c = dot(w, om(b2, col2));
-                            for (o, k) in v[b2 * dh..(b2 + 1) * dh].iter_mut().zip(kappa(b2, kcol2))
-                            {
-                                *o += c * k;
-                            }
-                        }
                     };
                     for h in 0..heads {
                         for p in 0..np {
-                            v.fill(0.0);
+                            // Key term (h, p): kappa kq_hp, u summed over s with beta_ms.
+                            let col = x * np + p;
+                            l_mats[h]
+                                .col_as_slice_mut(col)
+                                .copy_from_slice(local.kq[h].col_as_slice(col));
+                            let r = r_mats[h].col_as_slice_mut(col);
                             for s in 0..pos {
-                                accumulate_v(&mut v, h, local.col(x, p, s), s);
+                                let u = local.u[h].col_as_slice(local.col(x, p, s));
+                                for m in 0..nm {
+                                    axpy(&mut r[m * dv..(m + 1) * dv], beta[s * nm + m], u);
+                                }
+                                add_v(&mut r[nm * dv..], idx(h, p, s), s);
                             }
-                            outer_add(
-                                &mut acc.2,
-                                h * dh,
-                                0,
-                                local.kq[h].col_as_slice(x * np + p),
-                                &v,
-                                1.0,
-                            );
-                        }
-                    }
-                    for h in 0..heads {
-                        for p in 0..np {
+                            // Query terms (h, p, s'), at s = T only.
                             for s2 in 0..pos {
-                                let c = local.col(x, p, s2);
-                                v.fill(0.0);
-                                accumulate_v(&mut v, heads + h, c, t);
-                                outer_add(
-                                    &mut acc.2,
-                                    (heads + h) * dh,
-                                    0,
-                                    local.qk[h].col_as_slice(c),
-                                    &v,
-                                    1.0,
-                                );
+                                let col = local.col(x, p, s2);
+                                let (lq, rq) = (&mut l_mats[heads + h], &mut r_mats[heads + h]);
+                                lq.col_as_slice_mut(col)
+                                    .copy_from_slice(local.qk[h].col_as_slice(col));
+                                let r = rq.col_as_slice_mut(col);
+                                let u = local.u[h].col_as_slice(col);
+                                for m in 0..nm {
+                                    axpy(&mut r[m * dv..(m + 1) * dv], beta[t * nm + m], u);
+                                }
+                                add_v(&mut r[nm * dv..], idx(h, p, s2), t);
                             }
                         }
                     }
                 }
-                acc.3 += f.rows() as f64;
+                for b in 0..nb {
+                    gemm(
+                        acc.1.as_mut().subrows_mut(b * dh, dh),
+                        Accum::Add,
+                        l_mats[b].as_ref(),
+                        r_mats[b].transpose(),
+                    );
+                }
+                acc.2 += f.rows() as f64;
             },
-            |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3),
+            |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2),
         );
+        let a_acc = |m: usize, b: usize| ac_acc.submatrix(b * dh, m * dv, dh, dv).transpose();
+        let c_acc = ac_acc.subcols(nm * dv, nb * dh);
         // Assemble in d_in space.
         let b = self.value_maps(&psi, &gamma_x);
         let d_in = pre.nrows();
@@ -428,7 +393,7 @@ impl AttentionSection<'_> {
         for (i, bi) in b.iter().enumerate() {
             for blk in 0..nb {
                 let y = mm(bi.as_ref(), psi[blk % heads].transpose());
-                let ya = mm(y.as_ref(), a_acc.submatrix(i * dv, blk * dh, dv, dh));
+                let ya = mm(y.as_ref(), a_acc(i, blk));
                 gemm(
                     cross.as_mut(),
                     Accum::Add,
@@ -445,7 +410,7 @@ impl AttentionSection<'_> {
             }
             w
         };
-        let wc = mm(w_all.as_ref(), c_acc.as_ref());
+        let wc = mm(w_all.as_ref(), c_acc);
         gemm(m.as_mut(), Accum::Add, wc.as_ref(), w_all.transpose());
         m * faer::Scale(1.0 / count)
     }
@@ -579,22 +544,15 @@ impl AttentionSection<'_> {
     }
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// `y += alpha x`.
+fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
 }
 
-/// `m[r0.., c0..] += alpha a b^T` (col-major: one axpy per column of the block).
-fn outer_add(m: &mut Mat<f64>, r0: usize, c0: usize, a: &[f64], b: &[f64], alpha: f64) {
-    for (j, bj) in b.iter().enumerate() {
-        let s = alpha * bj;
-        if s == 0.0 {
-            continue;
-        }
-        let col = &mut m.col_as_slice_mut(c0 + j)[r0..r0 + a.len()];
-        for (o, ai) in col.iter_mut().zip(a) {
-            *o += s * ai;
-        }
-    }
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
