@@ -151,7 +151,7 @@ impl AttentionSection<'_> {
         b
     }
 
-    /// [`Local`] of the batch whose prefix outputs are `y` (rows `(x, s)`).
+    /// [`Local`] of the batch whose prefix outputs `(q, k, v)` are `y` (rows `(x, s)`).
     // Positions index the logits, weights and rows together.
     #[allow(clippy::needless_range_loop)]
     fn local(&self, y: &Mat<f64>, n: usize, pos: usize, points: &[(f64, f64)]) -> Local {
@@ -278,7 +278,7 @@ impl AttentionSection<'_> {
                 let f = activations_at(model, data, from, range);
                 let (n, pos) = (f.n, f.pos);
                 let t = pos - 1;
-                let y = mm(f.data.as_ref(), pre.as_ref());
+                let y = mm(f.data.as_ref(), pre.subcols(0, self.attn.fqkv()));
                 let local = self.local(&y, n, pos, points);
                 let np = local.points;
                 let omega: Vec<Mat<f64>> = (0..heads)
@@ -418,8 +418,8 @@ impl AttentionSection<'_> {
     /// Squared edges (method.md section 5), `(n_out, n_in)`: per sample the bracket
     /// `sum_s diag(fhat_s) C_pinv Jbar_s` (`n_in x n_out`, `Jbar` evaluated at `fhat C_pinv`) is
     /// `sum_m diag(sum_s beta_ms fhat_s) F_m` (`F_m = C_pinv B_m`) plus one GEMM of rank
-    /// `2 H P pos`: columns `fhat_s o (C_pinv W_K,h kq_hp)` and `fhat_T o (C_pinv W_Q,h qk_hps')`
-    /// against rows `omega_hps`.
+    /// `H P pos`: columns `fhat_s o (C_pinv W_K,h kq_hp) + fhat_T o (C_pinv W_Q,h qk_hps)` (the
+    /// key term at `s` and the query term from key `s`) against rows `omega_hps`.
     #[allow(clippy::too_many_arguments)]
     pub fn edges(
         &self,
@@ -461,7 +461,7 @@ impl AttentionSection<'_> {
                 let t = pos - 1;
                 let fhat = mm(f.data.as_ref(), c.as_ref());
                 let proj = mm(fhat.as_ref(), c_pinv.as_ref());
-                let y = mm(proj.as_ref(), pre.as_ref());
+                let y = mm(proj.as_ref(), pre.subcols(0, self.attn.fqkv()));
                 let local = self.local(&y, n, pos, points);
                 let np = local.points;
                 let omega: Vec<Mat<f64>> = (0..heads)
@@ -474,64 +474,62 @@ impl AttentionSection<'_> {
                     .map(|h| mm(pq[h].as_ref(), local.qk[h].as_ref()))
                     .collect();
                 let fhat_t = fhat.transpose().to_owned();
-                let rank = 2 * heads * np * pos;
+                // The key term at s and the query term from s share omega_hps: one column each.
+                let rank = heads * np * pos;
                 let mut lhs = Mat::<f64>::zeros(n_in, rank);
                 let mut rhs = Mat::<f64>::zeros(n_out, rank);
                 let mut bracket = Mat::<f64>::zeros(n_in, n_out);
                 let mut beta = vec![0.0; nm];
-                let mut w = vec![0.0; n_in];
+                let mut w = Mat::<f64>::zeros(n_in, nm);
                 for x in 0..n {
                     let fs = |s: usize| fhat_t.col_as_slice(x * pos + s);
-                    bracket.fill(0.0);
-                    for (m, fm) in f_maps.iter().enumerate() {
-                        w.fill(0.0);
-                        for s in 0..pos {
-                            self.betas(&local, x, s, wsum, &mut beta);
-                            for (o, fv) in w.iter_mut().zip(fs(s)) {
-                                *o += beta[m] * fv;
-                            }
-                        }
-                        for i in 0..n_out {
-                            let (dst, src) = (bracket.col_as_slice_mut(i), fm.col_as_slice(i));
-                            for ((o, a), b) in dst.iter_mut().zip(src).zip(&w) {
-                                *o += a * b;
-                            }
+                    w.fill(0.0);
+                    for s in 0..pos {
+                        self.betas(&local, x, s, wsum, &mut beta);
+                        for (m, b) in beta.iter().enumerate() {
+                            axpy(w.col_as_slice_mut(m), *b, fs(s));
                         }
                     }
-                    let mut r = 0;
                     for h in 0..heads {
                         for p in 0..np {
                             let kh = khat[h].col_as_slice(x * np + p);
                             for s in 0..pos {
                                 let col = local.col(x, p, s);
-                                for ((o, a), b) in
-                                    lhs.col_as_slice_mut(r).iter_mut().zip(fs(s)).zip(kh)
-                                {
-                                    *o = a * b;
-                                }
-                                rhs.col_as_slice_mut(r)
-                                    .copy_from_slice(omega[h].col_as_slice(col));
-                                r += 1;
                                 let qh = qhat[h].col_as_slice(col);
-                                for ((o, a), b) in
-                                    lhs.col_as_slice_mut(r).iter_mut().zip(fs(t)).zip(qh)
+                                let r = (h * np + p) * pos + s;
+                                for (((o, fv), k), (ft, q)) in lhs
+                                    .col_as_slice_mut(r)
+                                    .iter_mut()
+                                    .zip(fs(s))
+                                    .zip(kh)
+                                    .zip(fs(t).iter().zip(qh))
                                 {
-                                    *o = a * b;
+                                    *o = fv * k + ft * q;
                                 }
                                 rhs.col_as_slice_mut(r)
                                     .copy_from_slice(omega[h].col_as_slice(col));
-                                r += 1;
                             }
                         }
                     }
-                    gemm(bracket.as_mut(), Accum::Add, lhs.as_ref(), rhs.transpose());
+                    gemm(
+                        bracket.as_mut(),
+                        Accum::Replace,
+                        lhs.as_ref(),
+                        rhs.transpose(),
+                    );
+                    // Per output column (in cache): the value and residual terms, then square.
                     for i in 0..n_out {
-                        for (o, b) in acc
-                            .0
-                            .col_as_slice_mut(i)
-                            .iter_mut()
-                            .zip(bracket.col_as_slice(i))
-                        {
+                        let col = bracket.col_as_slice_mut(i);
+                        for (m, fm) in f_maps.iter().enumerate() {
+                            for ((o, a), b) in col
+                                .iter_mut()
+                                .zip(fm.col_as_slice(i))
+                                .zip(w.col_as_slice(m))
+                            {
+                                *o += a * b;
+                            }
+                        }
+                        for (o, b) in acc.0.col_as_slice_mut(i).iter_mut().zip(col.iter()) {
                             *o += b * b;
                         }
                     }

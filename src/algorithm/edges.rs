@@ -557,7 +557,7 @@ fn dense_edges(
 /// position alone) the bracket is `fhat_j (F0 + A_S diag(dbar_S) B_S)_ji` with `A = C_pinv W1`,
 /// `B = W2 Q`, `F0 = A_L B_L` over the identity columns `L` (the carried residual), and `S` the
 /// units with `dbar != 0`: one `n_in x |S| x n_out` product per row instead of one over all
-/// `K` units.
+/// `K` units (or over the inactive ones, when they are fewer).
 #[allow(clippy::too_many_arguments)]
 fn relu_edges(
     model: &Model,
@@ -581,6 +581,20 @@ fn relu_edges(
         a.subcols(width, k - width),
         bt.subcols(width, k - width).transpose(),
     );
+    // With every nonzero dbar equal (ReLU at positive integration points: dbar = sum_p w_p
+    // on the active units), a row with more than half its units active is cheaper as
+    // `wsum (A B)_act-part minus the inactive units`: `F1 = F0 + wsum A_act B_act`.
+    let wsum: f64 = points.iter().map(|p| p.1).sum();
+    let f1 = {
+        let mut f1 = f0.clone();
+        gemm(
+            f1.as_mut(),
+            faer::Accum::Add,
+            a.subcols(0, width),
+            (bt.subcols(0, width) * faer::Scale(wsum)).transpose(),
+        );
+        f1
+    };
     let (et, rows) = fold(
         data,
         cfg.batch_size,
@@ -597,18 +611,27 @@ fn relu_edges(
             let mut b_s = Mat::<f64>::zeros(n_out, width);
             let mut h = Mat::<f64>::zeros(n_in, n_out);
             for row in 0..fhat.nrows() {
+                let d = dbar_t.col_as_slice(row);
+                let active = d.iter().filter(|&&v| v != 0.0).count();
+                let uniform = d.iter().all(|&v| v == 0.0 || v == wsum);
+                // Units to multiply, each with its coefficient: the active ones (dbar), or the
+                // inactive ones (-wsum) from F1.
+                let complement = uniform && 2 * active > width;
                 let mut m = 0;
-                for (unit, &d) in dbar_t.col_as_slice(row).iter().enumerate() {
-                    if d != 0.0 {
-                        for (o, v) in a_s.col_as_slice_mut(m).iter_mut().zip(a.col_as_slice(unit)) {
-                            *o = d * v;
-                        }
-                        b_s.col_as_slice_mut(m)
-                            .copy_from_slice(bt.col_as_slice(unit));
-                        m += 1;
+                for (unit, &dv) in d.iter().enumerate() {
+                    let coef = match (complement, dv != 0.0) {
+                        (false, true) => dv,
+                        (true, false) => -wsum,
+                        _ => continue,
+                    };
+                    for (o, v) in a_s.col_as_slice_mut(m).iter_mut().zip(a.col_as_slice(unit)) {
+                        *o = coef * v;
                     }
+                    b_s.col_as_slice_mut(m)
+                        .copy_from_slice(bt.col_as_slice(unit));
+                    m += 1;
                 }
-                h.copy_from(&f0);
+                h.copy_from(if complement { &f1 } else { &f0 });
                 gemm(
                     h.as_mut(),
                     faer::Accum::Add,

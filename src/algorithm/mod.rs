@@ -18,7 +18,7 @@ pub use graph::{Graph, NodeBasis};
 pub const CHUNK_NUMBERS: usize = 32_768;
 
 /// Largest activations at the first node layer that a build keeps in memory for all samples
-/// ([`pass::Prefix`]).
+/// ([`pass::Prefix`]; later node layers have a budget of their own).
 pub const PREFIX_BYTES: usize = 1 << 30;
 
 use crate::data::Dataset;
@@ -176,7 +176,8 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     let mut timings = Vec::new();
 
     let t = Instant::now();
-    let prefix = pass::Prefix::new(model, data, layers[0].index, cfg.batch_size, PREFIX_BYTES);
+    let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
+    let prefix = pass::Prefix::new(model, data, &indices, cfg.batch_size, PREFIX_BYTES);
     let data: &dyn Dataset = match &prefix {
         Some(p) => p,
         None => data,

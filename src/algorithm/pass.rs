@@ -64,20 +64,37 @@ where
     out
 }
 
-/// Activations at every node layer for samples `range`, from one forward pass.
+/// Activations at every node layer for samples `range`, from one forward pass (or the
+/// dataset's cache).
 pub fn node_activations(
     model: &Model,
     data: &dyn Dataset,
     layers: &[NodeLayer],
     range: Range<usize>,
 ) -> Vec<Batch> {
-    let mut x = data.inputs(range);
-    let mut at = data.start();
-    let mut out = Vec::with_capacity(layers.len());
-    for layer in layers {
-        x = model.run(x, at, layer.index);
-        at = layer.index;
-        out.push(x.clone());
+    let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
+    activations_at_all(model, data, &indices, range)
+}
+
+/// Activations at the inputs of modules `indices` (ascending) for samples `range`.
+fn activations_at_all(
+    model: &Model,
+    data: &dyn Dataset,
+    indices: &[usize],
+    range: Range<usize>,
+) -> Vec<Batch> {
+    let mut out: Vec<Batch> = Vec::with_capacity(indices.len());
+    let mut at: Option<usize> = None;
+    for &index in indices {
+        let b = match data.cached(index, range.clone()) {
+            Some(b) => b,
+            None => match (at, out.last()) {
+                (Some(a), Some(prev)) => model.run(prev.clone(), a, index),
+                _ => activations_at(model, data, index, range.clone()),
+            },
+        };
+        at = Some(index);
+        out.push(b);
     }
     out
 }
@@ -89,62 +106,99 @@ pub fn activations_at(
     index: usize,
     range: Range<usize>,
 ) -> Batch {
+    if let Some(b) = data.cached(index, range.clone()) {
+        return b;
+    }
     model.run(data.inputs(range), data.start(), index)
 }
 
-/// Activations at module `start` for every sample of `data`, held in memory, as a dataset
-/// whose inputs enter the model at `start`: the many passes of a build (one per basis and
-/// edge matrix) then skip the modules before the first node layer instead of re-running
-/// them each time (SmolLM2's blocks before the ones studied).
+/// Bytes of activations beyond the first node layer's that a build may keep: all of them or
+/// none (a small model's later node layers, read by every basis and edge pass, instead of
+/// re-running the sections before them each time).
+const LATER_LAYERS_BYTES: usize = 256 << 20;
+
+/// Activations at the node layers for every sample of `data`, held in memory, as a dataset
+/// whose inputs enter the model at the first node layer: the many passes of a build (one per
+/// basis and edge matrix) then skip the modules before it instead of re-running them each
+/// time (SmolLM2's blocks before the ones studied), and read later node layers from memory
+/// when they are small enough ([`LATER_LAYERS_BYTES`]).
 pub struct Prefix<'a> {
     inner: &'a dyn Dataset,
-    acts: Batch,
+    /// Module index and activations (rows `(sample, position)`) of each cached node layer,
+    /// the first being the one the inputs enter at when `start` says so.
+    layers: Vec<(usize, Batch)>,
     start: usize,
 }
 
 impl<'a> Prefix<'a> {
-    /// The prefix when `start > 0` and the activations take at most `max_bytes`.
+    /// The cache of node layers `indices` (ascending): the first when it is not the raw input
+    /// and takes at most `max_bytes`, the later ones when all of them fit
+    /// [`LATER_LAYERS_BYTES`]; `None` when nothing is kept.
     pub fn new(
         model: &Model,
         data: &'a dyn Dataset,
-        start: usize,
+        indices: &[usize],
         batch: usize,
         max_bytes: usize,
     ) -> Option<Self> {
         let n = data.len();
-        if start == data.start() || n == 0 {
+        let (&first, later) = indices.split_first()?;
+        if n == 0 {
             return None;
         }
-        let one = activations_at(model, data, start, 0..1);
-        if n * one.rows() * one.features() * 8 > max_bytes {
-            return None;
-        }
-        let parts: Vec<Batch> = chunks(n, batch)
-            .into_par_iter()
-            .map(|r| activations_at(model, data, start, r))
+        let one = activations_at_all(model, data, indices, 0..1);
+        let bytes = |b: &Batch| n * b.rows() * b.features() * 8;
+        let keep_first = first != data.start() && bytes(&one[0]) <= max_bytes;
+        let later_bytes: usize = one[1..].iter().map(bytes).sum();
+        let keep_later = !later.is_empty() && later_bytes <= LATER_LAYERS_BYTES;
+        let kept: Vec<usize> = indices
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| if i == 0 { keep_first } else { keep_later })
+            .map(|(_, &index)| index)
             .collect();
-        let mut acts = Mat::zeros(n * one.rows(), one.features());
-        let mut row = 0;
-        for p in &parts {
-            acts.subrows_mut(row, p.rows()).copy_from(&p.data);
-            row += p.rows();
+        if kept.is_empty() {
+            return None;
         }
+        let parts: Vec<Vec<Batch>> = chunks(n, batch)
+            .into_par_iter()
+            .map(|r| activations_at_all(model, data, &kept, r))
+            .collect();
+        let layers = kept
+            .iter()
+            .enumerate()
+            .map(|(k, &index)| {
+                let proto = &parts[0][k];
+                let mut acts = Mat::zeros(n * proto.pos, proto.features());
+                let mut row = 0;
+                for p in &parts {
+                    acts.subrows_mut(row, p[k].rows()).copy_from(&p[k].data);
+                    row += p[k].rows();
+                }
+                (index, Batch::new(n, 1, proto.pos, acts))
+            })
+            .collect();
         Some(Self {
             inner: data,
-            acts: Batch::new(n, 1, one.pos, acts),
-            start,
+            layers,
+            start: if keep_first { first } else { data.start() },
         })
+    }
+
+    fn layer(&self, index: usize) -> Option<&Batch> {
+        self.layers.iter().find(|l| l.0 == index).map(|l| &l.1)
     }
 }
 
 impl Dataset for Prefix<'_> {
     fn len(&self) -> usize {
-        self.acts.n
+        self.inner.len()
     }
     fn inputs(&self, range: Range<usize>) -> Batch {
-        let pos = self.acts.pos;
-        let rows = self.acts.data.subrows(range.start * pos, range.len() * pos);
-        Batch::new(range.len(), 1, pos, rows.to_owned())
+        match self.layer(self.start) {
+            Some(acts) => rows(acts, range),
+            None => self.inner.inputs(range),
+        }
     }
     fn labels(&self, range: Range<usize>) -> Vec<usize> {
         self.inner.labels(range)
@@ -158,6 +212,16 @@ impl Dataset for Prefix<'_> {
     fn start(&self) -> usize {
         self.start
     }
+    fn cached(&self, index: usize, range: Range<usize>) -> Option<Batch> {
+        self.layer(index).map(|acts| rows(acts, range))
+    }
+}
+
+/// Samples `range` of a cached node layer.
+fn rows(acts: &Batch, range: Range<usize>) -> Batch {
+    let pos = acts.pos;
+    let data = acts.data.subrows(range.start * pos, range.len() * pos);
+    Batch::new(range.len(), 1, pos, data.to_owned())
 }
 
 /// Means and Gram matrices of all node layers in one pass (method.md section 3).

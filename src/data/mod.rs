@@ -35,6 +35,12 @@ pub trait Dataset: Send + Sync {
     fn start(&self) -> usize {
         0
     }
+    /// Activations at the input of module `index` for samples `range`, when the dataset holds
+    /// them (a build's cache of its node layers); `None`: run the model from
+    /// [`Dataset::start`].
+    fn cached(&self, _index: usize, _range: Range<usize>) -> Option<Batch> {
+        None
+    }
 }
 
 /// The first `n` samples of a shared dataset (a pilot, or a `n_samples` limit).

@@ -138,9 +138,9 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
         First::new(data, n_pilot),
     );
     // As the build does: the activations at the first node layer computed once.
-    let start = layers[0].index;
-    let small_prefix = Prefix::new(model, &small, start, cfg.batch_size, PREFIX_BYTES);
-    let large_prefix = Prefix::new(model, &large, start, cfg.batch_size, PREFIX_BYTES);
+    let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
+    let small_prefix = Prefix::new(model, &small, &indices, cfg.batch_size, PREFIX_BYTES);
+    let large_prefix = Prefix::new(model, &large, &indices, cfg.batch_size, PREFIX_BYTES);
     let pilots = Pilots {
         small: small_prefix.as_ref().map_or(&small as &dyn Dataset, |p| p),
         large: large_prefix.as_ref().map_or(&large as &dyn Dataset, |p| p),
@@ -155,11 +155,14 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
             n,
         };
         let (_, f, t) = raw.extrapolate(|d| {
-            Ok(Prefix::new(model, d, start, cfg.batch_size, PREFIX_BYTES).is_some())
+            Ok(Prefix::new(model, d, &indices, cfg.batch_size, PREFIX_BYTES).is_some())
         })?;
         steps.push(Step {
             name: "prefix".into(),
-            path: format!("forward to {}, kept in memory", layers[0].name),
+            path: format!(
+                "forward to {} (and later node layers when small), kept in memory",
+                layers[0].name
+            ),
             flops: f,
             seconds: t,
         });
