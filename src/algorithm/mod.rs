@@ -189,12 +189,8 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     let mut bases: Vec<NodeBasis> = Vec::with_capacity(layers.len());
     for (l, layer) in layers.iter().enumerate().rev() {
         let next = bases.last();
-        let tl = Instant::now();
         let basis = basis::node_basis(model, data, cfg, &layers, l, &moments[l], next, &points)
             .with_context(|| format!("basis of node layer `{}`", layer.name))?;
-        if std::env::var_os("IBASIS_PHASES").is_some() {
-            eprintln!("basis {} {:.3}", layer.name, tl.elapsed().as_secs_f64());
-        }
         bases.push(basis);
     }
     bases.reverse();
@@ -204,7 +200,6 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
     let mut edge_mats = Vec::new();
     if cfg.edge_formula != EdgeFormula::None {
         for l in 0..layers.len() - 1 {
-            let tl = Instant::now();
             let e = edges::edges(
                 model,
                 data,
@@ -216,9 +211,6 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
                 &points,
             )
             .with_context(|| format!("edges {} -> {}", layers[l].name, layers[l + 1].name))?;
-            if std::env::var_os("IBASIS_PHASES").is_some() {
-                eprintln!("edges {} {:.3}", layers[l].name, tl.elapsed().as_secs_f64());
-            }
             edge_mats.push(e);
         }
     }
