@@ -26,6 +26,7 @@ use crate::data::Dataset;
 use crate::models::transformer::attention::AttnOut;
 use crate::models::{Model, Module, Structure};
 use crate::tensor::linalg::{gemm, mm};
+use crate::tensor::simd::{add_product, add_square, axpy, dot, product};
 use faer::{Accum, Mat, MatRef};
 
 /// A section `fixed linear -> attn_out (last query, no rotary) -> fixed linear`.
@@ -497,15 +498,9 @@ impl AttentionSection<'_> {
                                 let col = local.col(x, p, s);
                                 let qh = qhat[h].col_as_slice(col);
                                 let r = (h * np + p) * pos + s;
-                                for (((o, fv), k), (ft, q)) in lhs
-                                    .col_as_slice_mut(r)
-                                    .iter_mut()
-                                    .zip(fs(s))
-                                    .zip(kh)
-                                    .zip(fs(t).iter().zip(qh))
-                                {
-                                    *o = fv * k + ft * q;
-                                }
+                                let dst = lhs.col_as_slice_mut(r);
+                                product(dst, fs(s), kh);
+                                add_product(dst, fs(t), qh);
                                 rhs.col_as_slice_mut(r)
                                     .copy_from_slice(omega[h].col_as_slice(col));
                             }
@@ -521,17 +516,9 @@ impl AttentionSection<'_> {
                     for i in 0..n_out {
                         let col = bracket.col_as_slice_mut(i);
                         for (m, fm) in f_maps.iter().enumerate() {
-                            for ((o, a), b) in col
-                                .iter_mut()
-                                .zip(fm.col_as_slice(i))
-                                .zip(w.col_as_slice(m))
-                            {
-                                *o += a * b;
-                            }
+                            add_product(col, fm.col_as_slice(i), w.col_as_slice(m));
                         }
-                        for (o, b) in acc.0.col_as_slice_mut(i).iter_mut().zip(col.iter()) {
-                            *o += b * b;
-                        }
+                        add_square(acc.0.col_as_slice_mut(i), col);
                     }
                 }
                 acc.1 += f.rows() as f64;
@@ -540,17 +527,6 @@ impl AttentionSection<'_> {
         );
         et.transpose().to_owned() * faer::Scale(1.0 / count)
     }
-}
-
-/// `y += alpha x`.
-fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
-    for (o, v) in y.iter_mut().zip(x) {
-        *o += alpha * v;
-    }
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

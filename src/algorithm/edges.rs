@@ -13,6 +13,7 @@ use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Activation, Model, Module, Section, Structure};
 use crate::tensor::linalg::{gemm, mm};
+use crate::tensor::simd::{add_squared_product, scaled_copy};
 use crate::tensor::Batch;
 use faer::Mat;
 use rand::{Rng, SeedableRng};
@@ -624,9 +625,7 @@ fn relu_edges(
                         (true, false) => -wsum,
                         _ => continue,
                     };
-                    for (o, v) in a_s.col_as_slice_mut(m).iter_mut().zip(a.col_as_slice(unit)) {
-                        *o = coef * v;
-                    }
+                    scaled_copy(a_s.col_as_slice_mut(m), coef, a.col_as_slice(unit));
                     b_s.col_as_slice_mut(m)
                         .copy_from_slice(bt.col_as_slice(unit));
                     m += 1;
@@ -640,11 +639,7 @@ fn relu_edges(
                 );
                 let fr = fhat_t.col_as_slice(row);
                 for i in 0..n_out {
-                    let dst = acc.0.col_as_slice_mut(i);
-                    for ((o, hv), fv) in dst.iter_mut().zip(h.col_as_slice(i)).zip(fr) {
-                        let b = fv * hv;
-                        *o += b * b;
-                    }
+                    add_squared_product(acc.0.col_as_slice_mut(i), h.col_as_slice(i), fr);
                 }
             }
             acc.1 += f.rows() as f64;

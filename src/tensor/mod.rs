@@ -7,6 +7,7 @@
 //! rows-as-positions layout, so per-position modules are a single GEMM over all rows.
 
 pub mod linalg;
+pub mod simd;
 
 use faer::Mat;
 
