@@ -225,6 +225,12 @@ impl AttentionSection<'_> {
         local
     }
 
+    /// Samples per batch: at most `batch`, and a batch's per-sample buffers (`per_sample`
+    /// numbers each, growing with the positions) within [`super::CHUNK_NUMBERS`] x 32.
+    fn batch(batch: usize, per_sample: usize) -> usize {
+        ((32 * super::CHUNK_NUMBERS) / per_sample.max(1)).clamp(1, batch.max(1))
+    }
+
     /// `beta_ms` for `m` over the heads, then `X` (`wsum` at the last position).
     fn betas(&self, local: &Local, x: usize, s: usize, wsum: f64, out: &mut [f64]) {
         let (heads, pos) = (self.heads(), local.pos);
@@ -268,6 +274,11 @@ impl AttentionSection<'_> {
         let wsum: f64 = points.iter().map(|p| p.1).sum();
         let (psi, gamma_x) = self.psi(q);
         let pre = &self.pre;
+        let per_sample = |pos: usize, np: usize| {
+            nb * (dh + width) * np * pos + (q.ncols() + dv) * heads * np * pos + pre.ncols() * pos
+        };
+        let pos = super::basis::data_positions(model, data, from);
+        let batch = Self::batch(batch, per_sample(pos, points.len()));
         // S (nm x nm); rows (b, dh) of [A_.b^T | C_b.] (`nb dh x width`).
         type Acc = (Mat<f64>, Mat<f64>, f64);
         let (s_acc, ac_acc, count) = fold(
@@ -451,6 +462,13 @@ impl AttentionSection<'_> {
             .map(|h| mm(c_pinv.as_ref(), self.w_q(h)))
             .collect();
         let pre = &self.pre;
+        let (pos, np) = (
+            super::basis::data_positions(model, data, from),
+            points.len(),
+        );
+        let per_sample =
+            (2 * n_in + n_out + self.attn.dv()) * heads * np * pos + (n_in + pre.ncols()) * pos;
+        let batch = Self::batch(batch, per_sample);
         let (et, count) = fold(
             data,
             batch,
