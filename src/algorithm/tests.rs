@@ -497,3 +497,26 @@ fn rotated_final_layer_uses_centred_pca() {
     .unwrap();
     assert!(unrotated.layers[2].c.is_none());
 }
+
+#[test]
+fn prefix_cache_returns_the_model_activations() {
+    let w = mlp(3, &[6, 5, 4, 3], Activation::Relu);
+    let model = w.into_model("t");
+    let data = inputs(4, 11, 6);
+    // Node layers layers.1, layers.2, output: the first is not the raw input, so it is kept,
+    // and the later ones are small enough to be kept too.
+    let indices = [1, 2, model.modules.len()];
+    let prefix = pass::Prefix::new(&model, &data, &indices, 4, PREFIX_BYTES).unwrap();
+    assert_eq!(prefix.start(), 1);
+    for &index in &indices {
+        let cached = prefix.cached(index, 3..8).expect("cached");
+        let direct = model.run(data.inputs(3..8), 0, index);
+        assert_eq!(cached.data, direct.data, "layer {index}");
+        let through = pass::activations_at(&model, &prefix, index, 3..8);
+        assert_eq!(through.data, direct.data);
+    }
+    // Module 3 is the output here; index 0 (the raw input) is not kept.
+    assert!(prefix.cached(0, 0..2).is_none());
+    // Nothing to keep: the only node layer is the raw input.
+    assert!(pass::Prefix::new(&model, &data, &[0], 4, PREFIX_BYTES).is_none());
+}
