@@ -2,7 +2,7 @@
 //! (edge ablation) of a basis the model needs to keep its accuracy or loss.
 
 use super::config::{load_data, load_model, RunConfig};
-use super::eval::{score_logits, Score, Targets};
+use super::eval::{score_logits, BasisSection, Kept, Score, Targets};
 use crate::algorithm::pass::{chunks, progress};
 use crate::algorithm::{Graph, NodeBasis};
 use crate::data::modadd::Split;
@@ -195,33 +195,56 @@ fn pick(metric: Metric, s: Score) -> f64 {
     }
 }
 
-/// Activations at one node layer for the whole evaluation set, in batches, with labels.
+/// Basis coordinates `fhat = f C` at one node layer for the whole evaluation set, in batches,
+/// with labels.
 struct Cached {
-    batches: Vec<(Batch, Targets)>,
+    batches: Vec<CachedBatch>,
+}
+
+struct CachedBatch {
+    /// Rows `(sample, position)`.
+    fhat: Mat<f64>,
+    n: usize,
+    pos: usize,
+    targets: Targets,
 }
 
 impl Cached {
-    fn new(model: &Model, data: &dyn Dataset, index: usize, batch: usize) -> Self {
+    /// `c`: the basis (`None`: the activations themselves).
+    fn new(
+        model: &Model,
+        data: &dyn Dataset,
+        index: usize,
+        batch: usize,
+        c: Option<&Mat<f64>>,
+    ) -> Self {
         let batches = chunks(data.len(), super::eval::eval_batch(model, data, batch))
             .into_par_iter()
             .map(|r| {
                 let targets = Targets::of(data, r.clone());
-                (model.run(data.inputs(r), 0, index), targets)
+                let f = model.run(data.inputs(r), 0, index);
+                let fhat = match c {
+                    Some(c) => mm(f.data.as_ref(), c.as_ref()),
+                    None => f.data,
+                };
+                CachedBatch {
+                    fhat,
+                    n: f.n,
+                    pos: f.pos,
+                    targets,
+                }
             })
             .collect();
         Self { batches }
     }
 
-    /// Runs the rest of the model from `index` on `map(batch)` and scores it.
-    fn score(&self, model: &Model, index: usize, map: &(dyn Fn(&Batch) -> Batch + Sync)) -> Score {
-        let end = model.modules.len();
+    /// Scores the logits `logits(batch index, batch)` of every batch.
+    fn score(&self, logits: &(dyn Fn(usize, &CachedBatch) -> Batch + Sync)) -> Score {
         let (c, l, n) = self
             .batches
             .par_iter()
-            .map(|(f, targets)| {
-                let y = model.run(map(f), index, end);
-                score_logits(&y, targets)
-            })
+            .enumerate()
+            .map(|(i, b)| score_logits(&logits(i, b), &b.targets))
             .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
         Score {
             accuracy: c / n,
@@ -230,13 +253,29 @@ impl Cached {
     }
 }
 
-/// `C_k C_pinv` keeping the first `n` basis directions.
-fn projection(b: &NodeBasis, n: usize) -> Mat<f64> {
+/// The unablated model's score.
+fn baseline_score(model: &Model, data: &dyn Dataset, s: &AblationSettings) -> f64 {
+    let end = model.modules.len();
+    let cached = Cached::new(model, data, end, s.batch_size, None);
+    pick(
+        s.metric,
+        cached.score(&|_, b| Batch::new(b.n, 1, b.pos, b.fhat.clone())),
+    )
+}
+
+/// `(C, C_pinv)` of a basis, identities for the neuron basis.
+fn basis_pair(b: &NodeBasis) -> (Mat<f64>, Mat<f64>) {
     let d = b.d_orig;
-    let (c, cp) = match (&b.c, &b.c_pinv) {
+    match (&b.c, &b.c_pinv) {
         (Some(c), Some(cp)) => (c.clone(), cp.clone()),
         _ => (Mat::identity(d, d), Mat::identity(d, d)),
-    };
+    }
+}
+
+/// `C_k C_pinv` keeping the first `n` basis directions.
+#[cfg(test)]
+fn projection(b: &NodeBasis, n: usize) -> Mat<f64> {
+    let (c, cp) = basis_pair(b);
     let n = n.min(c.ncols());
     mm(c.subcols(0, n), cp.subrows(0, n))
 }
@@ -248,12 +287,8 @@ pub fn node_ablation(
     graph: &Graph,
     s: &AblationSettings,
 ) -> anyhow::Result<AblationResult> {
-    let identity = |f: &Batch| f.clone();
-    let end_index = model.modules.len();
-    let baseline = {
-        let cached = Cached::new(model, data, end_index, s.batch_size);
-        pick(s.metric, cached.score(model, end_index, &identity))
-    };
+    let baseline = baseline_score(model, data, s);
+    let end = model.modules.len();
     let mut result = AblationResult {
         metric: format!("{:?}", s.metric).to_lowercase(),
         baseline,
@@ -271,13 +306,16 @@ pub fn node_ablation(
         let index = model
             .node_index(&b.name)
             .with_context(|| format!("graph node layer `{}` is not in the model", b.name))?;
-        let cached = Cached::new(model, data, index, s.batch_size);
+        // Keeping the first n directions: f C_n C_pinv_n through the rest of the model, i.e.
+        // fhat[:, ..n] times C_pinv's first n rows pushed through its linear head.
+        let (c, cp) = basis_pair(b);
+        let cached = Cached::new(model, data, index, s.batch_size, b.c.as_ref().map(|_| &c));
+        let rest = BasisSection::new(model, index, end, cp, None);
         let total = b.d_lib();
         let eval = |n: usize| {
-            let p = projection(b, n);
             pick(
                 s.metric,
-                cached.score(model, index, &|f: &Batch| super::eval::project(f, &p)),
+                cached.score(&|_, x| rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None)),
             )
         };
         let mut curve = Curve::default();
@@ -320,66 +358,115 @@ fn ranked_edges(e: &Mat<f64>, skip_constant: bool) -> Vec<(usize, usize)> {
     v
 }
 
-/// Evaluates the model with each output feature of section `l -> l + 1` computed only from its
-/// kept input features (the top `k` edges plus the constant's). Output features sharing a mask
-/// share one forward pass.
-#[allow(clippy::too_many_arguments)]
-fn edge_masked_score(
-    model: &Model,
-    cached: &Cached,
-    from: usize,
-    to: usize,
-    b_in: &NodeBasis,
-    b_out: &NodeBasis,
-    ranked: &[(usize, usize)],
-    k: usize,
-) -> Score {
-    let d_in = b_in.d_lib();
-    let d_out = b_out.d_lib();
-    let mut masks = vec![vec![false; d_in]; d_out];
-    for m in masks.iter_mut() {
-        if b_in.has_constant {
-            m[0] = true;
+/// One edge matrix's section `from -> to` set up for masked evaluation (method.md section 10):
+/// each output feature computed only from its kept input features.
+struct EdgeSection<'a> {
+    /// Activations at `from` in the input basis.
+    cached: Cached,
+    /// The section from the input basis to the output basis's coordinates.
+    section: BasisSection<'a>,
+    /// The rest of the model, from the output basis's coordinates (through `C_pinv_out`).
+    rest: BasisSection<'a>,
+    /// Per cached batch: the unmasked section's output coordinates (shared by every output
+    /// feature that keeps all its inputs).
+    full: Vec<Batch>,
+    d_in: usize,
+    d_out: usize,
+    has_constant: bool,
+}
+
+impl<'a> EdgeSection<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &'a Model,
+        data: &dyn Dataset,
+        from: usize,
+        to: usize,
+        b_in: &NodeBasis,
+        b_out: &NodeBasis,
+        batch: usize,
+    ) -> Self {
+        let (c_in, cp_in) = basis_pair(b_in);
+        let (c_out, cp_out) = basis_pair(b_out);
+        let cached = Cached::new(model, data, from, batch, b_in.c.as_ref().map(|_| &c_in));
+        let section = BasisSection::new(model, from, to, cp_in, Some(&c_out));
+        let rest = BasisSection::new(model, to, model.modules.len(), cp_out, None);
+        let d_in = b_in.d_lib();
+        let full = cached
+            .batches
+            .par_iter()
+            .map(|b| section.run(b.fhat.as_ref(), b.n, b.pos, Kept::First(d_in), None))
+            .collect();
+        Self {
+            cached,
+            section,
+            rest,
+            full,
+            d_in,
+            d_out: b_out.d_lib(),
+            has_constant: b_in.has_constant,
         }
     }
-    for &(i, j) in &ranked[..k.min(ranked.len())] {
-        masks[i][j] = true;
-    }
-    // Group output features by mask.
-    let mut groups: HashMap<Vec<bool>, Vec<usize>> = HashMap::new();
-    for (i, m) in masks.into_iter().enumerate() {
-        groups.entry(m).or_default().push(i);
-    }
-    let eye = |d| Mat::<f64>::identity(d, d);
-    let c_in = b_in.c.clone().unwrap_or_else(|| eye(b_in.d_orig));
-    let cp_in = b_in.c_pinv.clone().unwrap_or_else(|| eye(b_in.d_orig));
-    let c_out = b_out.c.clone().unwrap_or_else(|| eye(b_out.d_orig));
-    let cp_out = b_out.c_pinv.clone().unwrap_or_else(|| eye(b_out.d_orig));
-    let groups: Vec<(Vec<bool>, Vec<usize>)> = groups.into_iter().collect();
-    let map = |f: &Batch| -> Batch {
-        let fhat = mm(f.data.as_ref(), c_in.as_ref());
-        let mut out_hat: Option<Mat<f64>> = None;
-        let mut pos_out = 0;
-        for (mask, outs) in &groups {
-            let masked = Mat::from_fn(
-                fhat.nrows(),
-                d_in,
-                |r, j| if mask[j] { fhat[(r, j)] } else { 0.0 },
-            );
-            let x = Batch::new(f.n, 1, f.pos, mm(masked.as_ref(), cp_in.as_ref()));
-            let y = model.run(x, from, to);
-            pos_out = y.pos;
-            let yhat = mm(y.data.as_ref(), c_out.as_ref());
-            let acc = out_hat.get_or_insert_with(|| Mat::zeros(yhat.nrows(), d_out));
-            for &i in outs {
-                acc.col_mut(i).copy_from(yhat.col(i));
+
+    /// Output features grouped by their kept inputs (the top `k` edges of `ranked` plus the
+    /// constant's): `(kept inputs, output features)`, in order of first output feature.
+    fn groups(&self, ranked: &[(usize, usize)], k: usize) -> Vec<(Vec<usize>, Vec<usize>)> {
+        let mut masks = vec![vec![false; self.d_in]; self.d_out];
+        for m in masks.iter_mut() {
+            if self.has_constant {
+                m[0] = true;
             }
         }
-        let out_hat = out_hat.expect("at least one output feature");
-        Batch::new(f.n, 1, pos_out, mm(out_hat.as_ref(), cp_out.as_ref()))
-    };
-    // `cached` holds activations at `from`; `map` runs the section, scoring continues at `to`.
-    cached.score(model, to, &|f: &Batch| map(f))
+        for &(i, j) in &ranked[..k.min(ranked.len())] {
+            masks[i][j] = true;
+        }
+        let mut index: HashMap<Vec<bool>, usize> = HashMap::new();
+        let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+        for (i, m) in masks.into_iter().enumerate() {
+            let kept: Vec<usize> = (0..self.d_in).filter(|&j| m[j]).collect();
+            let g = *index.entry(m).or_insert_with(|| {
+                groups.push((kept, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+        }
+        groups
+    }
+
+    /// Output-basis coordinates at `to` of cached batch `i` with each group's output features
+    /// computed from its kept inputs only.
+    fn masked_coordinates(&self, i: usize, groups: &[(Vec<usize>, Vec<usize>)]) -> Batch {
+        let b = &self.cached.batches[i];
+        let full = &self.full[i];
+        let mut out = Mat::zeros(full.rows(), self.d_out);
+        for (kept, outs) in groups {
+            if kept.len() == self.d_in {
+                for &o in outs {
+                    out.col_mut(o).copy_from(full.data.col(o));
+                }
+                continue;
+            }
+            let y = self
+                .section
+                .run(b.fhat.as_ref(), b.n, b.pos, Kept::Only(kept), Some(outs));
+            for (c, &o) in outs.iter().enumerate() {
+                out.col_mut(o).copy_from(y.data.col(c));
+            }
+        }
+        Batch::new(full.n, 1, full.pos, out)
+    }
+
+    /// Logits of cached batch `i` with the top `k` edges (and the constant's) kept.
+    fn logits(&self, i: usize, groups: &[(Vec<usize>, Vec<usize>)]) -> Batch {
+        let y = self.masked_coordinates(i, groups);
+        self.rest
+            .run(y.data.as_ref(), y.n, y.pos, Kept::First(self.d_out), None)
+    }
+
+    fn score(&self, ranked: &[(usize, usize)], k: usize) -> Score {
+        let groups = self.groups(ranked, k);
+        self.cached.score(&|i, _| self.logits(i, &groups))
+    }
 }
 
 /// Edge ablation of every edge matrix of a graph.
@@ -389,11 +476,7 @@ pub fn edge_ablation(
     graph: &Graph,
     s: &AblationSettings,
 ) -> anyhow::Result<AblationResult> {
-    let end = model.modules.len();
-    let baseline = pick(
-        s.metric,
-        Cached::new(model, data, end, s.batch_size).score(model, end, &|f: &Batch| f.clone()),
-    );
+    let baseline = baseline_score(model, data, s);
     let mut result = AblationResult {
         metric: format!("{:?}", s.metric).to_lowercase(),
         baseline,
@@ -416,14 +499,9 @@ pub fn edge_ablation(
         let to = model
             .node_index(&b_out.name)
             .with_context(|| format!("`{}` is not in the model", b_out.name))?;
-        let cached = Cached::new(model, data, from, s.batch_size);
+        let section = EdgeSection::new(model, data, from, to, b_in, b_out, s.batch_size);
         let ranked = ranked_edges(e, b_in.has_constant);
-        let eval = |k: usize| {
-            pick(
-                s.metric,
-                edge_masked_score(model, &cached, from, to, b_in, b_out, &ranked, k),
-            )
-        };
+        let eval = |k: usize| pick(s.metric, section.score(&ranked, k));
         let mut curve = Curve::default();
         match s.schedule {
             Schedule::Bisect => {
@@ -508,6 +586,347 @@ pub fn strip_extras(mut v: serde_json::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::modadd::{ModOp, ModularArithmetic};
+    use crate::io::weights::Tensors;
+    use crate::models::mlp::MlpWeights;
+    use crate::models::transformer::{transformer_from_tensors, Normalization, TransformerOptions};
+    use crate::models::Activation;
+    use crate::tensor::HostTensor;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_mat(rng: &mut ChaCha8Rng, r: usize, c: usize, scale: f64) -> Mat<f64> {
+        Mat::from_fn(r, c, |_, _| scale * rng.random_range(-1.0..1.0))
+    }
+
+    /// A random basis of `d_lib` directions (`None`: the neuron basis, no `C`). `C_pinv` is
+    /// random too: the masked evaluations below compute the same function of any `C`, `C_pinv`.
+    fn random_basis(
+        rng: &mut ChaCha8Rng,
+        name: &str,
+        d_orig: usize,
+        d_lib: Option<usize>,
+        has_constant: bool,
+    ) -> NodeBasis {
+        let (c, c_pinv) = match d_lib {
+            Some(k) => (
+                Some(random_mat(rng, d_orig, k, 1.0)),
+                Some(random_mat(rng, k, d_orig, 1.0 / (k as f64).sqrt())),
+            ),
+            None => (None, None),
+        };
+        NodeBasis {
+            name: name.into(),
+            d_orig,
+            pos: 1,
+            mean: vec![],
+            gram: Mat::zeros(0, 0),
+            c,
+            c_pinv,
+            w: None,
+            w_pinv: None,
+            v: None,
+            lambda: vec![],
+            n_masked: 0,
+            has_constant,
+        }
+    }
+
+    /// The straightforward masked section (the implementation before [`EdgeSection`]): per
+    /// group of output features with equal masks, the whole section on `(fhat . mask) C_pinv`,
+    /// projected onto `C_out`; then the rest of the model on `out_hat C_pinv_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_edge_logits(
+        model: &Model,
+        f: &Batch,
+        from: usize,
+        to: usize,
+        b_in: &NodeBasis,
+        b_out: &NodeBasis,
+        ranked: &[(usize, usize)],
+        k: usize,
+    ) -> Batch {
+        let d_in = b_in.d_lib();
+        let d_out = b_out.d_lib();
+        let mut masks = vec![vec![false; d_in]; d_out];
+        for m in masks.iter_mut() {
+            if b_in.has_constant {
+                m[0] = true;
+            }
+        }
+        for &(i, j) in &ranked[..k.min(ranked.len())] {
+            masks[i][j] = true;
+        }
+        let mut groups: HashMap<Vec<bool>, Vec<usize>> = HashMap::new();
+        for (i, m) in masks.into_iter().enumerate() {
+            groups.entry(m).or_default().push(i);
+        }
+        let (c_in, cp_in) = basis_pair(b_in);
+        let (c_out, cp_out) = basis_pair(b_out);
+        let fhat = mm(f.data.as_ref(), c_in.as_ref());
+        let mut out_hat: Option<Mat<f64>> = None;
+        let mut pos_out = 0;
+        for (mask, outs) in &groups {
+            let masked = Mat::from_fn(
+                fhat.nrows(),
+                d_in,
+                |r, j| if mask[j] { fhat[(r, j)] } else { 0.0 },
+            );
+            let x = Batch::new(f.n, 1, f.pos, mm(masked.as_ref(), cp_in.as_ref()));
+            let y = model.run(x, from, to);
+            pos_out = y.pos;
+            let yhat = mm(y.data.as_ref(), c_out.as_ref());
+            let acc = out_hat.get_or_insert_with(|| Mat::zeros(yhat.nrows(), d_out));
+            for &i in outs {
+                acc.col_mut(i).copy_from(yhat.col(i));
+            }
+        }
+        let out_hat = out_hat.expect("at least one output feature");
+        let x = Batch::new(f.n, 1, pos_out, mm(out_hat.as_ref(), cp_out.as_ref()));
+        model.run(x, to, model.modules.len())
+    }
+
+    /// Largest entry of `|a - b|` over the largest `|b|`.
+    fn rel_diff(a: &Batch, b: &Batch) -> f64 {
+        assert_eq!((a.n, a.pos), (b.n, b.pos));
+        assert_eq!(a.data.shape(), b.data.shape());
+        let mut diff = 0.0f64;
+        let mut scale = 0.0f64;
+        for j in 0..a.data.ncols() {
+            for i in 0..a.data.nrows() {
+                diff = diff.max((a.data[(i, j)] - b.data[(i, j)]).abs());
+                scale = scale.max(b.data[(i, j)].abs());
+            }
+        }
+        diff / scale.max(1e-300)
+    }
+
+    /// The folded evaluations reassociate the same products (`(fhat M) C_pinv W` as
+    /// `fhat (C_pinv W)`, a fixed linear suffix times `C_out` first): each logit is a sum of a
+    /// few hundred terms no larger than the logits' scale here (random weights of order one),
+    /// so the two agree to ~1e-14 of that scale. 1e-10 leaves four orders of margin for the
+    /// softmax and activations, while a wrongly kept or dropped feature changes logits by
+    /// order one.
+    const TOL: f64 = 1e-10;
+
+    /// Checks edge and node ablations' logits on `model` against the straightforward
+    /// computations for every consecutive pair of `layers` (bases: `(name, d_lib or neuron,
+    /// has_constant)`).
+    fn check_against_reference(
+        model: &Model,
+        data: &dyn Dataset,
+        layers: &[(&str, Option<usize>, bool)],
+        seed: u64,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let end = model.modules.len();
+        let bases: Vec<NodeBasis> = layers
+            .iter()
+            .map(|&(name, d_lib, constant)| {
+                let index = model.node_index(name).unwrap();
+                random_basis(&mut rng, name, model.node_features(index), d_lib, constant)
+            })
+            .collect();
+        let batch = 5;
+        let ranges = chunks(
+            data.len(),
+            super::super::eval::eval_batch(model, data, batch),
+        );
+        for l in 0..bases.len() - 1 {
+            let (b_in, b_out) = (&bases[l], &bases[l + 1]);
+            let from = model.node_index(&b_in.name).unwrap();
+            let to = model.node_index(&b_out.name).unwrap();
+            let e = Mat::from_fn(b_out.d_lib(), b_in.d_lib(), |_, _| rng.random::<f64>());
+            let ranked = ranked_edges(&e, b_in.has_constant);
+            let section = EdgeSection::new(model, data, from, to, b_in, b_out, batch);
+            assert_eq!(section.cached.batches.len(), ranges.len());
+            let total = ranked.len();
+            for k in [0, 1, 2, 5, total / 3, total / 2, total - 1, total] {
+                let groups = section.groups(&ranked, k);
+                for (i, r) in ranges.iter().enumerate() {
+                    let f = model.run(data.inputs(r.clone()), 0, from);
+                    let want = reference_edge_logits(model, &f, from, to, b_in, b_out, &ranked, k);
+                    let got = section.logits(i, &groups);
+                    let d = rel_diff(&got, &want);
+                    assert!(
+                        d < TOL,
+                        "{} -> {} k {k}: relative difference {d:e}",
+                        b_in.name,
+                        b_out.name
+                    );
+                }
+            }
+            // Node ablation from b_in: the first n directions through the rest of the model.
+            let (c, cp) = basis_pair(b_in);
+            let cached = Cached::new(model, data, from, batch, b_in.c.as_ref().map(|_| &c));
+            let rest = BasisSection::new(model, from, end, cp, None);
+            for n in [0, 1, b_in.d_lib() / 2, b_in.d_lib()] {
+                let p = projection(b_in, n);
+                for (i, r) in ranges.iter().enumerate() {
+                    let f = model.run(data.inputs(r.clone()), 0, from);
+                    let want = model.run(super::super::eval::project(&f, &p), from, end);
+                    let x = &cached.batches[i];
+                    let got = rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None);
+                    let d = rel_diff(&got, &want);
+                    assert!(
+                        d < TOL,
+                        "node ablation of {} at {n}: relative difference {d:e}",
+                        b_in.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Random TransformerLens-named weights of a one-layer model on `p + 1` tokens.
+    fn random_transformer(rng: &mut ChaCha8Rng, p: usize) -> Tensors {
+        let (dm, h, dh, dmlp) = (8, 2, 3, 12);
+        let mut t = Tensors::new();
+        let mut put = |name: &str, shape: Vec<usize>, scale: f64| {
+            let n = shape.iter().product();
+            let data = (0..n)
+                .map(|_| scale * rng.random_range(-1.0..1.0))
+                .collect();
+            t.insert(name.to_string(), HostTensor::new(shape, data));
+        };
+        put("embed.W_E", vec![p + 1, dm], 1.0);
+        put("pos_embed.W_pos", vec![3, dm], 0.5);
+        for w in ["W_Q", "W_K", "W_V"] {
+            put(&format!("blocks.0.attn.{w}"), vec![h, dm, dh], 0.7);
+        }
+        for b in ["b_Q", "b_K", "b_V"] {
+            put(&format!("blocks.0.attn.{b}"), vec![h, dh], 0.2);
+        }
+        put("blocks.0.attn.W_O", vec![h, dh, dm], 0.5);
+        put("blocks.0.attn.b_O", vec![dm], 0.2);
+        put("blocks.0.mlp.W_in", vec![dm, dmlp], 0.5);
+        put("blocks.0.mlp.b_in", vec![dmlp], 0.2);
+        put("blocks.0.mlp.W_out", vec![dmlp, dm], 0.5);
+        put("blocks.0.mlp.b_out", vec![dm], 0.2);
+        put("unembed.W_U", vec![dm, p], 0.5);
+        put("unembed.b_U", vec![p], 0.2);
+        t
+    }
+
+    #[test]
+    fn transformer_masked_sections_match_the_reference() {
+        let p = 7;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let tensors = random_transformer(&mut rng, p);
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        // The pipeline's setting: no norm, last position from add_resid1; the published node
+        // layers, then others whose sections start or end inside attention and MLP.
+        let opts = TransformerOptions {
+            last_pos_module_type: Some("add_resid1".into()),
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("ln1.0", Some(7), true),
+                ("ln2.0", Some(8), true),
+                ("unembed", Some(6), true),
+                ("output", None, false),
+            ],
+            1,
+        );
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("add_embed", None, false),
+                ("attn_out.0", Some(20), false),
+                ("mlp_act.0", Some(15), true),
+                ("add_resid2.0", Some(9), false),
+                ("output", Some(5), false),
+            ],
+            2,
+        );
+        // Layer norm (sections starting with a nonlinear module), every position kept.
+        let opts = TransformerOptions {
+            normalization: Normalization::LnPre,
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("ln1.0", Some(8), true),
+                ("ln1_out.0", Some(9), false),
+                ("ln2.0", None, true),
+                ("unembed", Some(6), true),
+                ("output", None, false),
+            ],
+            3,
+        );
+    }
+
+    /// Random features (bias 1 appended) with random labels.
+    struct Gaussian {
+        x: Mat<f64>,
+        labels: Vec<usize>,
+    }
+
+    impl Dataset for Gaussian {
+        fn len(&self) -> usize {
+            self.labels.len()
+        }
+        fn inputs(&self, range: std::ops::Range<usize>) -> Batch {
+            let x = self.x.subrows(range.start, range.len()).to_owned();
+            Batch::new(range.len(), 1, 1, x)
+        }
+        fn labels(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+            self.labels[range].to_vec()
+        }
+        fn describe(&self) -> String {
+            "gaussian".into()
+        }
+    }
+
+    #[test]
+    fn mlp_masked_sections_match_the_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let dims = [6, 10, 9, 4];
+        let weights = MlpWeights {
+            layers: dims
+                .windows(2)
+                .map(|w| {
+                    let m = random_mat(&mut rng, w[0], w[1], 0.8);
+                    let b = (0..w[1]).map(|_| rng.random_range(-0.3..0.3)).collect();
+                    (m, b)
+                })
+                .collect(),
+            // Not exact gelu: `models::mlp::erf(0.0)` never returns (reported), and nothing kept
+            // feeds it zeros.
+            act: Activation::GeluTanh,
+        };
+        let model = weights.into_model("mlp");
+        let n = 23;
+        let data = Gaussian {
+            x: Mat::from_fn(n, dims[0] + 1, |_, j| {
+                if j == dims[0] {
+                    1.0
+                } else {
+                    rng.random_range(-2.0..2.0)
+                }
+            }),
+            labels: (0..n).map(|i| i % dims[3]).collect(),
+        };
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("layers.0", Some(7), true),
+                ("layers.1", Some(11), true),
+                ("layers.2", None, false),
+                ("output", Some(3), false),
+            ],
+            5,
+        );
+    }
 
     #[test]
     fn searches_find_the_threshold() {

@@ -4,9 +4,10 @@
 
 use crate::algorithm::pass::fold;
 use crate::data::Dataset;
-use crate::models::Model;
+use crate::models::{Activation, Cache, Model, Module, Section, Structure};
+use crate::tensor::linalg::mm;
 use crate::tensor::Batch;
-use faer::Mat;
+use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -141,4 +142,174 @@ pub fn project(f: &Batch, p: &Mat<f64>) -> Batch {
         f.pos,
         crate::tensor::linalg::mm(f.data.as_ref(), p.as_ref()),
     )
+}
+
+/// Which basis directions of a [`BasisSection`]'s input are kept (the others are zeroed).
+#[derive(Clone, Copy)]
+pub enum Kept<'a> {
+    /// The first `k` (node ablation).
+    First(usize),
+    /// These, in any order without repeats (edge ablation's mask of one output feature).
+    Only(&'a [usize]),
+}
+
+/// The modules `from..to` of a model fed from a basis and read in another, for evaluating the
+/// section many times on cached activations with some basis directions zeroed: the input is
+/// `x = fhat_kept R` (`R` such as `C_pinv`, one row per basis direction), the output `y P` (`P`
+/// such as `C_out`, or nothing).
+///
+/// The section's linear head (its leading [`Module::fixed_linear`] and identity modules,
+/// [`Structure::Linear`] ones, and the matrix of a first [`Structure::Dense`]) is pushed
+/// through `R` once, so that zeroing directions is a product of `fhat`'s kept columns with
+/// `R`'s kept rows, one small GEMM instead of `fhat C_pinv` and the head's products on the full
+/// width. Likewise the fixed linear suffix is folded into `P`, of which only the wanted columns
+/// are multiplied. The nonlinear middle runs as it is. A wholly linear section is one matrix.
+pub struct BasisSection<'a> {
+    /// `R` through the linear head (`d_basis x width`); when `linear`, `R` times the whole
+    /// section times `P`.
+    dirs: Mat<f64>,
+    /// The activation of a folded [`Structure::Dense`], applied right after `dirs`.
+    act: Option<Activation>,
+    /// The modules run as they are.
+    mid: &'a [Box<dyn Module>],
+    /// The fixed linear suffix times `P` (`None`: neither).
+    tail: Option<Mat<f64>>,
+    /// `dirs` is the whole section (no activation, middle or tail).
+    linear: bool,
+}
+
+impl<'a> BasisSection<'a> {
+    /// `rows`: `R` (`d_basis x` the features of node layer `from`); `out`: `P` (the features
+    /// of node layer `to` `x d_out`).
+    pub fn new(
+        model: &'a Model,
+        from: usize,
+        to: usize,
+        rows: Mat<f64>,
+        out: Option<&Mat<f64>>,
+    ) -> Self {
+        let modules = &model.modules[from..to];
+        let mut dirs = rows;
+        let mut act = None;
+        let mut i = 0;
+        while i < modules.len() && act.is_none() {
+            let m = modules[i].as_ref();
+            if m.fixed_linear() && !m.is_identity() {
+                let r = dirs.nrows();
+                let no_cache: Cache = Box::new(());
+                dirs = m.jvp(&no_cache, &Batch::new(1, r, 1, dirs)).data;
+            } else if !m.is_identity() {
+                match m.structure() {
+                    Structure::Linear(w) => dirs = mm(dirs.as_ref(), w),
+                    Structure::Dense { w, act: a } => {
+                        dirs = mm(dirs.as_ref(), w);
+                        act = Some(a);
+                    }
+                    _ => break,
+                }
+            }
+            i += 1;
+        }
+        let rest = &modules[i..];
+        let n_suffix = Section { modules: rest }.fixed_linear_suffix();
+        let (mid, suffix) = rest.split_at(rest.len() - n_suffix);
+        let w_suffix = suffix.iter().any(|m| !m.is_identity()).then(|| {
+            let d = suffix[0].in_features();
+            Section { modules: suffix }
+                .jvp(
+                    &Section::no_caches(suffix.len()),
+                    &Batch::new(1, d, 1, Mat::identity(d, d)),
+                )
+                .data
+        });
+        let mut tail = match (w_suffix, out) {
+            (Some(w), Some(p)) => Some(mm(w.as_ref(), p.as_ref())),
+            (Some(w), None) => Some(w),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        let linear = act.is_none() && mid.is_empty();
+        if linear {
+            if let Some(t) = tail.take() {
+                dirs = mm(dirs.as_ref(), t.as_ref());
+            }
+        }
+        Self {
+            dirs,
+            act,
+            mid,
+            tail,
+            linear,
+        }
+    }
+
+    /// The section's output (rows `(sample, position)`) for `n` samples of `pos` positions
+    /// whose basis coordinates are `fhat`, keeping the directions `kept`; `cols`: only these
+    /// output columns, in this order (all when `None`).
+    pub fn run(
+        &self,
+        fhat: MatRef<'_, f64>,
+        n: usize,
+        pos: usize,
+        kept: Kept<'_>,
+        cols: Option<&[usize]>,
+    ) -> Batch {
+        let rows = fhat.nrows();
+        let dir_cols = if self.linear { cols } else { None };
+        let width = dir_cols.map_or(self.dirs.ncols(), |c| c.len());
+        let mut x = match kept {
+            Kept::First(0) => Mat::zeros(rows, width),
+            Kept::First(k) => match dir_cols {
+                None => mm(fhat.subcols(0, k), self.dirs.subrows(0, k)),
+                Some(c) => mm(
+                    fhat.subcols(0, k),
+                    gather(self.dirs.as_ref(), 0..k, c).as_ref(),
+                ),
+            },
+            Kept::Only([]) => Mat::zeros(rows, width),
+            Kept::Only(idx) => {
+                let f = Mat::from_fn(rows, idx.len(), |r, j| fhat[(r, idx[j])]);
+                let d = match dir_cols {
+                    None => Mat::from_fn(idx.len(), width, |i, j| self.dirs[(idx[i], j)]),
+                    Some(c) => gather(self.dirs.as_ref(), idx.iter().copied(), c),
+                };
+                mm(f.as_ref(), d.as_ref())
+            }
+        };
+        if let Some(act) = self.act {
+            for j in 0..x.ncols() {
+                for v in x.col_as_slice_mut(j) {
+                    *v = act.apply(*v);
+                }
+            }
+        }
+        let mut y = Batch::new(n, 1, pos, x);
+        for m in self.mid {
+            if !m.is_identity() {
+                y = m.forward(&y).0;
+            }
+        }
+        let data = match (&self.tail, cols) {
+            (Some(t), None) => mm(y.data.as_ref(), t.as_ref()),
+            (Some(t), Some(c)) => {
+                let t = Mat::from_fn(t.nrows(), c.len(), |i, j| t[(i, c[j])]);
+                mm(y.data.as_ref(), t.as_ref())
+            }
+            (None, Some(c)) if !self.linear => {
+                Mat::from_fn(y.rows(), c.len(), |i, j| y.data[(i, c[j])])
+            }
+            (None, _) => y.data,
+        };
+        Batch::new(y.n, 1, y.pos, data)
+    }
+}
+
+/// `m[rows, cols]`.
+fn gather(
+    m: MatRef<'_, f64>,
+    rows: impl ExactSizeIterator<Item = usize>,
+    cols: &[usize],
+) -> Mat<f64> {
+    let rows: Vec<usize> = rows.collect();
+    Mat::from_fn(rows.len(), cols.len(), |i, j| m[(rows[i], cols[j])])
 }
