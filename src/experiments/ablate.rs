@@ -2,7 +2,7 @@
 //! (edge ablation) of a basis the model needs to keep its accuracy or loss.
 
 use super::config::{load_data, load_model, RunConfig};
-use super::eval::{score_logits, BasisSection, Kept, Score, Targets};
+use super::eval::{score_logits_with, BasisSection, Kept, Score, Targets};
 use crate::algorithm::pass::{chunks, progress};
 use crate::algorithm::{Graph, NodeBasis};
 use crate::data::modadd::Split;
@@ -209,8 +209,14 @@ struct CachedBatch {
     targets: Targets,
 }
 
+/// Samples per cached batch at most: evaluations run batches in parallel, and many small ones
+/// share the cores evenly (9 batches of 1024 on 2 cores take 5 rounds, 70 of 128 take 35) and
+/// stay in cache (see [`BasisSection::run`]).
+const CACHED_BATCH: usize = 128;
+
 impl Cached {
-    /// `c`: the basis (`None`: the activations themselves).
+    /// `c`: the basis (`None`: the activations themselves); batches of at most `batch` (and
+    /// [`CACHED_BATCH`]) samples.
     fn new(
         model: &Model,
         data: &dyn Dataset,
@@ -218,7 +224,8 @@ impl Cached {
         batch: usize,
         c: Option<&Mat<f64>>,
     ) -> Self {
-        let batches = chunks(data.len(), super::eval::eval_batch(model, data, batch))
+        let batch = super::eval::eval_batch(model, data, batch).min(CACHED_BATCH);
+        let batches = chunks(data.len(), batch)
             .into_par_iter()
             .map(|r| {
                 let targets = Targets::of(data, r.clone());
@@ -238,29 +245,42 @@ impl Cached {
         Self { batches }
     }
 
-    /// Scores the logits `logits(batch index, batch)` of every batch.
-    fn score(&self, logits: &(dyn Fn(usize, &CachedBatch) -> Batch + Sync)) -> Score {
-        let (c, l, n) = self
+    /// The metric of the logits `logits(batch)` of every batch.
+    fn score(&self, metric: Metric, logits: &(dyn Fn(&CachedBatch) -> Batch + Sync)) -> f64 {
+        let parts: Vec<_> = self
             .batches
             .par_iter()
-            .enumerate()
-            .map(|(i, b)| score_logits(&logits(i, b), &b.targets))
-            .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+            .map(|b| score_batch(metric, &logits(b), b))
+            .collect();
+        total(metric, parts)
+    }
+}
+
+/// Correct predictions, summed cross-entropy (for [`Metric::Loss`] only) and predictions of
+/// one batch's logits.
+fn score_batch(metric: Metric, logits: &Batch, b: &CachedBatch) -> (f64, f64, f64) {
+    score_logits_with(logits, &b.targets, metric == Metric::Loss)
+}
+
+/// The metric over batches, summed in order.
+fn total(metric: Metric, parts: Vec<(f64, f64, f64)>) -> f64 {
+    let (c, l, n) = parts
+        .into_iter()
+        .fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    pick(
+        metric,
         Score {
             accuracy: c / n,
             loss: l / n,
-        }
-    }
+        },
+    )
 }
 
 /// The unablated model's score.
 fn baseline_score(model: &Model, data: &dyn Dataset, s: &AblationSettings) -> f64 {
     let end = model.modules.len();
     let cached = Cached::new(model, data, end, s.batch_size, None);
-    pick(
-        s.metric,
-        cached.score(&|_, b| Batch::new(b.n, 1, b.pos, b.fhat.clone())),
-    )
+    cached.score(s.metric, &|b| Batch::new(b.n, 1, b.pos, b.fhat.clone()))
 }
 
 /// `(C, C_pinv)` of a basis, identities for the neuron basis.
@@ -313,10 +333,9 @@ pub fn node_ablation(
         let rest = BasisSection::new(model, index, end, cp, None);
         let total = b.d_lib();
         let eval = |n: usize| {
-            pick(
-                s.metric,
-                cached.score(&|_, x| rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None)),
-            )
+            cached.score(s.metric, &|x| {
+                rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None)
+            })
         };
         let mut curve = Curve::default();
         match s.schedule {
@@ -358,8 +377,22 @@ fn ranked_edges(e: &Mat<f64>, skip_constant: bool) -> Vec<(usize, usize)> {
     v
 }
 
+/// `(output feature, its kept inputs)`: what one memoised column of [`EdgeSection`] depends on.
+type MemoKey = (usize, Vec<usize>);
+
+/// A memoised column: per cached batch, and the evaluation that last used it.
+type MemoEntry = (Vec<Vec<f64>>, u64);
+
+/// Doubles of section outputs [`EdgeSection`] keeps for reuse (128 MB).
+const MEMO_NUMBERS: usize = 1 << 24;
+
 /// One edge matrix's section `from -> to` set up for masked evaluation (method.md section 10):
 /// each output feature computed only from its kept input features.
+///
+/// An output feature's coordinate depends only on its own kept set, and successive counts of a
+/// bisection change the kept sets of few output features (between `k` and `k'`, only those
+/// with an edge ranked in between), so each `(output feature, kept set)` column is computed
+/// once and reused while it fits in [`MEMO_NUMBERS`] (least recently used dropped first).
 struct EdgeSection<'a> {
     /// Activations at `from` in the input basis.
     cached: Cached,
@@ -367,12 +400,22 @@ struct EdgeSection<'a> {
     section: BasisSection<'a>,
     /// The rest of the model, from the output basis's coordinates (through `C_pinv_out`).
     rest: BasisSection<'a>,
-    /// Per cached batch: the unmasked section's output coordinates (shared by every output
-    /// feature that keeps all its inputs).
+    /// Per cached batch: the unmasked section's output coordinates (for every output feature
+    /// that keeps all its inputs).
     full: Vec<Batch>,
     d_in: usize,
     d_out: usize,
     has_constant: bool,
+    /// `(output feature, kept inputs)` to its column per cached batch and the evaluation that
+    /// last used it.
+    memo: HashMap<MemoKey, MemoEntry>,
+    /// Doubles held in `memo`, and its budget.
+    memo_size: usize,
+    memo_budget: usize,
+    /// Evaluations so far.
+    clock: u64,
+    /// Output-feature columns computed so far (not taken from `memo` or `full`).
+    computed: usize,
 }
 
 impl<'a> EdgeSection<'a> {
@@ -405,67 +448,142 @@ impl<'a> EdgeSection<'a> {
             d_in,
             d_out: b_out.d_lib(),
             has_constant: b_in.has_constant,
+            memo: HashMap::new(),
+            memo_size: 0,
+            memo_budget: MEMO_NUMBERS,
+            clock: 0,
+            computed: 0,
         }
     }
 
-    /// Output features grouped by their kept inputs (the top `k` edges of `ranked` plus the
-    /// constant's): `(kept inputs, output features)`, in order of first output feature.
-    fn groups(&self, ranked: &[(usize, usize)], k: usize) -> Vec<(Vec<usize>, Vec<usize>)> {
-        let mut masks = vec![vec![false; self.d_in]; self.d_out];
-        for m in masks.iter_mut() {
-            if self.has_constant {
-                m[0] = true;
-            }
-        }
+    /// Each output feature's kept inputs: the top `k` edges of `ranked` plus the constant's,
+    /// ascending.
+    fn kept_sets(&self, ranked: &[(usize, usize)], k: usize) -> Vec<Vec<usize>> {
+        let mut kept: Vec<Vec<usize>> = (0..self.d_out)
+            .map(|_| if self.has_constant { vec![0] } else { vec![] })
+            .collect();
         for &(i, j) in &ranked[..k.min(ranked.len())] {
-            masks[i][j] = true;
+            kept[i].push(j);
         }
-        let mut index: HashMap<Vec<bool>, usize> = HashMap::new();
-        let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
-        for (i, m) in masks.into_iter().enumerate() {
-            let kept: Vec<usize> = (0..self.d_in).filter(|&j| m[j]).collect();
-            let g = *index.entry(m).or_insert_with(|| {
-                groups.push((kept, Vec::new()));
-                groups.len() - 1
-            });
-            groups[g].1.push(i);
+        for m in kept.iter_mut() {
+            m.sort_unstable();
+            m.dedup();
         }
-        groups
+        kept
     }
 
-    /// Output-basis coordinates at `to` of cached batch `i` with each group's output features
-    /// computed from its kept inputs only.
-    fn masked_coordinates(&self, i: usize, groups: &[(Vec<usize>, Vec<usize>)]) -> Batch {
-        let b = &self.cached.batches[i];
-        let full = &self.full[i];
-        let mut out = Mat::zeros(full.rows(), self.d_out);
-        for (kept, outs) in groups {
-            if kept.len() == self.d_in {
-                for &o in outs {
-                    out.col_mut(o).copy_from(full.data.col(o));
+    /// `per_batch(batch, logits)` for every cached batch, with the top `k` edges (and the
+    /// constant's) kept.
+    fn masked<T: Send>(
+        &mut self,
+        ranked: &[(usize, usize)],
+        k: usize,
+        per_batch: &(dyn Fn(&CachedBatch, Batch) -> T + Sync),
+    ) -> Vec<T> {
+        self.clock += 1;
+        let kept = self.kept_sets(ranked, k);
+        // Where each output feature's column comes from.
+        enum Source<'m> {
+            Full,
+            Memo(&'m [Vec<f64>]),
+            /// Column `c` of new group `g`.
+            New(usize, usize),
+        }
+        let mut groups: Vec<(&[usize], Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&[usize], usize> = HashMap::new();
+        let mut sources = Vec::with_capacity(self.d_out);
+        for (i, m) in kept.iter().enumerate() {
+            if m.len() == self.d_in {
+                sources.push(Source::Full);
+            } else if let Some((cols, _)) = self.memo.get(&(i, m.clone())) {
+                sources.push(Source::Memo(cols));
+            } else {
+                let g = *index.entry(m).or_insert_with(|| {
+                    groups.push((m, Vec::new()));
+                    groups.len() - 1
+                });
+                sources.push(Source::New(g, groups[g].1.len()));
+                groups[g].1.push(i);
+            }
+        }
+        self.computed += groups.iter().map(|g| g.1.len()).sum::<usize>();
+        let (section, rest, d_out) = (&self.section, &self.rest, self.d_out);
+        let results: Vec<(T, Vec<Mat<f64>>)> = self
+            .cached
+            .batches
+            .par_iter()
+            .zip(&self.full)
+            .enumerate()
+            .map(|(bi, (b, full))| {
+                let new: Vec<Mat<f64>> = groups
+                    .iter()
+                    .map(|(m, outs)| {
+                        section
+                            .run(b.fhat.as_ref(), b.n, b.pos, Kept::Only(m), Some(outs))
+                            .data
+                    })
+                    .collect();
+                let mut out = Mat::zeros(full.rows(), d_out);
+                for (i, s) in sources.iter().enumerate() {
+                    let dst = out.col_as_slice_mut(i);
+                    match s {
+                        Source::Full => dst.copy_from_slice(full.data.col_as_slice(i)),
+                        Source::Memo(cols) => dst.copy_from_slice(&cols[bi]),
+                        Source::New(g, c) => dst.copy_from_slice(new[*g].col_as_slice(*c)),
+                    }
                 }
-                continue;
-            }
-            let y = self
-                .section
-                .run(b.fhat.as_ref(), b.n, b.pos, Kept::Only(kept), Some(outs));
-            for (c, &o) in outs.iter().enumerate() {
-                out.col_mut(o).copy_from(y.data.col(c));
+                let logits = rest.run(out.as_ref(), full.n, full.pos, Kept::First(d_out), None);
+                (per_batch(b, logits), new)
+            })
+            .collect();
+        drop(sources);
+        let (values, new): (Vec<T>, Vec<Vec<Mat<f64>>>) = results.into_iter().unzip();
+        self.remember(&kept, &groups, new);
+        values
+    }
+
+    /// Marks this evaluation's memo entries used, adds its new columns and drops the least
+    /// recently used entries beyond the budget.
+    fn remember(
+        &mut self,
+        kept: &[Vec<usize>],
+        groups: &[(&[usize], Vec<usize>)],
+        new: Vec<Vec<Mat<f64>>>,
+    ) {
+        for (i, m) in kept.iter().enumerate() {
+            if let Some(e) = self.memo.get_mut(&(i, m.clone())) {
+                e.1 = self.clock;
             }
         }
-        Batch::new(full.n, 1, full.pos, out)
+        for (g, (m, outs)) in groups.iter().enumerate() {
+            for (c, &i) in outs.iter().enumerate() {
+                let cols: Vec<Vec<f64>> =
+                    new.iter().map(|b| b[g].col_as_slice(c).to_vec()).collect();
+                self.memo_size += cols.iter().map(Vec::len).sum::<usize>();
+                self.memo.insert((i, m.to_vec()), (cols, self.clock));
+            }
+        }
+        if self.memo_size > self.memo_budget {
+            let mut by_age: Vec<(MemoKey, u64)> = self
+                .memo
+                .iter()
+                .map(|(key, e)| (key.clone(), e.1))
+                .collect();
+            by_age.sort_by_key(|e| e.1);
+            for (key, _) in by_age {
+                if self.memo_size <= self.memo_budget {
+                    break;
+                }
+                if let Some((cols, _)) = self.memo.remove(&key) {
+                    self.memo_size -= cols.iter().map(Vec::len).sum::<usize>();
+                }
+            }
+        }
     }
 
-    /// Logits of cached batch `i` with the top `k` edges (and the constant's) kept.
-    fn logits(&self, i: usize, groups: &[(Vec<usize>, Vec<usize>)]) -> Batch {
-        let y = self.masked_coordinates(i, groups);
-        self.rest
-            .run(y.data.as_ref(), y.n, y.pos, Kept::First(self.d_out), None)
-    }
-
-    fn score(&self, ranked: &[(usize, usize)], k: usize) -> Score {
-        let groups = self.groups(ranked, k);
-        self.cached.score(&|i, _| self.logits(i, &groups))
+    fn score(&mut self, metric: Metric, ranked: &[(usize, usize)], k: usize) -> f64 {
+        let parts = self.masked(ranked, k, &|b, logits| score_batch(metric, &logits, b));
+        total(metric, parts)
     }
 }
 
@@ -499,9 +617,9 @@ pub fn edge_ablation(
         let to = model
             .node_index(&b_out.name)
             .with_context(|| format!("`{}` is not in the model", b_out.name))?;
-        let section = EdgeSection::new(model, data, from, to, b_in, b_out, s.batch_size);
+        let mut section = EdgeSection::new(model, data, from, to, b_in, b_out, s.batch_size);
         let ranked = ranked_edges(e, b_in.has_constant);
-        let eval = |k: usize| pick(s.metric, section.score(&ranked, k));
+        let mut eval = |k: usize| section.score(s.metric, &ranked, k);
         let mut curve = Curve::default();
         match s.schedule {
             Schedule::Bisect => {
@@ -738,28 +856,60 @@ mod tests {
             let to = model.node_index(&b_out.name).unwrap();
             let e = Mat::from_fn(b_out.d_lib(), b_in.d_lib(), |_, _| rng.random::<f64>());
             let ranked = ranked_edges(&e, b_in.has_constant);
-            let section = EdgeSection::new(model, data, from, to, b_in, b_out, batch);
-            assert_eq!(section.cached.batches.len(), ranges.len());
             let total = ranked.len();
-            for k in [0, 1, 2, 5, total / 3, total / 2, total - 1, total] {
-                let groups = section.groups(&ranked, k);
-                for (i, r) in ranges.iter().enumerate() {
-                    let f = model.run(data.inputs(r.clone()), 0, from);
-                    let want = reference_edge_logits(model, &f, from, to, b_in, b_out, &ranked, k);
-                    let got = section.logits(i, &groups);
-                    let d = rel_diff(&got, &want);
-                    assert!(
-                        d < TOL,
-                        "{} -> {} k {k}: relative difference {d:e}",
-                        b_in.name,
-                        b_out.name
-                    );
+            // Counts up and down again (reusing memoised columns), with the memo's budget
+            // ample and at a few columns (dropping most).
+            let ks = [
+                0,
+                1,
+                2,
+                5,
+                total / 3,
+                total / 2,
+                total - 1,
+                total,
+                total / 2 - 1,
+                3,
+                2,
+                0,
+            ];
+            for budget in [MEMO_NUMBERS, 3 * data.len()] {
+                let mut section = EdgeSection::new(model, data, from, to, b_in, b_out, batch);
+                section.memo_budget = budget;
+                if budget != MEMO_NUMBERS {
+                    // And in chunks of 2 samples (or 1).
+                    section.section.set_run_numbers(1);
+                    section.rest.set_run_numbers(100);
+                }
+                assert_eq!(section.cached.batches.len(), ranges.len());
+                for k in ks {
+                    let got = section.masked(&ranked, k, &|_, logits| logits);
+                    assert!(section.memo_size <= budget);
+                    if budget == MEMO_NUMBERS && k == 2 && section.clock > 3 {
+                        // Seen before: nothing computed again.
+                        let before = section.computed;
+                        section.masked(&ranked, k, &|_, _| ());
+                        assert_eq!(section.computed, before);
+                    }
+                    for (r, got) in ranges.iter().zip(&got) {
+                        let f = model.run(data.inputs(r.clone()), 0, from);
+                        let want =
+                            reference_edge_logits(model, &f, from, to, b_in, b_out, &ranked, k);
+                        let d = rel_diff(got, &want);
+                        assert!(
+                            d < TOL,
+                            "{} -> {} k {k}: relative difference {d:e}",
+                            b_in.name,
+                            b_out.name
+                        );
+                    }
                 }
             }
             // Node ablation from b_in: the first n directions through the rest of the model.
             let (c, cp) = basis_pair(b_in);
             let cached = Cached::new(model, data, from, batch, b_in.c.as_ref().map(|_| &c));
-            let rest = BasisSection::new(model, from, end, cp, None);
+            let mut rest = BasisSection::new(model, from, end, cp, None);
+            rest.set_run_numbers(200);
             for n in [0, 1, b_in.d_lib() / 2, b_in.d_lib()] {
                 let p = projection(b_in, n);
                 for (i, r) in ranges.iter().enumerate() {

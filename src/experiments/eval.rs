@@ -99,14 +99,21 @@ impl Targets {
 
 /// Number correct, summed cross-entropy and number of predictions scored.
 pub fn score_logits(y: &Batch, targets: &Targets) -> (f64, f64, f64) {
+    score_logits_with(y, targets, true)
+}
+
+/// [`score_logits`], the cross-entropy (the exponentials) only `with_loss` (else 0).
+pub fn score_logits_with(y: &Batch, targets: &Targets, with_loss: bool) -> (f64, f64, f64) {
     let mut correct = 0.0;
     let mut loss = 0.0;
     let mut count = 0.0;
     let mut score = |row: usize, label: usize| {
         let logits = y.data.row(row);
-        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        loss += lse - logits[label];
+        if with_loss {
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            loss += lse - logits[label];
+        }
         let argmax = (0..logits.ncols()).fold(0, |b, j| if logits[j] > logits[b] { j } else { b });
         if argmax == label {
             correct += 1.0;
@@ -168,15 +175,25 @@ pub struct BasisSection<'a> {
     /// `R` through the linear head (`d_basis x width`); when `linear`, `R` times the whole
     /// section times `P`.
     dirs: Mat<f64>,
-    /// The activation of a folded [`Structure::Dense`], applied right after `dirs`.
-    act: Option<Activation>,
+    /// The activation right after `dirs` (that of a folded [`Structure::Dense`], or a leading
+    /// [`Structure::Elementwise`]) and the number of leading features it applies to.
+    act: Option<(Activation, usize)>,
     /// The modules run as they are.
     mid: &'a [Box<dyn Module>],
     /// The fixed linear suffix times `P` (`None`: neither).
     tail: Option<Mat<f64>>,
     /// `dirs` is the whole section (no activation, middle or tail).
     linear: bool,
+    /// Features of the widest activation inside the section.
+    width: usize,
+    /// Activation numbers per chunk of [`Self::run`].
+    run_numbers: usize,
 }
+
+/// Activation numbers per chunk of [`BasisSection::run`] (2 MB): a whole evaluation batch's
+/// activations (a 1024-sample batch of the modular-addition transformer is 13 MB after
+/// `attn_in`) run several times slower, on fresh pages and out of cache.
+const RUN_NUMBERS: usize = 1 << 18;
 
 impl<'a> BasisSection<'a> {
     /// `rows`: `R` (`d_basis x` the features of node layer `from`); `out`: `P` (the features
@@ -203,7 +220,12 @@ impl<'a> BasisSection<'a> {
                     Structure::Linear(w) => dirs = mm(dirs.as_ref(), w),
                     Structure::Dense { w, act: a } => {
                         dirs = mm(dirs.as_ref(), w);
-                        act = Some(a);
+                        act = Some((a, w.ncols()));
+                    }
+                    Structure::Elementwise { act: a, width }
+                        if m.in_features() == m.out_features() =>
+                    {
+                        act = Some((a, width))
                     }
                     _ => break,
                 }
@@ -234,12 +256,20 @@ impl<'a> BasisSection<'a> {
                 dirs = mm(dirs.as_ref(), t.as_ref());
             }
         }
+        let width = mid
+            .iter()
+            .map(|m| m.out_features())
+            .chain([dirs.ncols()])
+            .max()
+            .unwrap_or(0);
         Self {
             dirs,
             act,
             mid,
             tail,
             linear,
+            width,
+            run_numbers: RUN_NUMBERS,
         }
     }
 
@@ -247,6 +277,41 @@ impl<'a> BasisSection<'a> {
     /// whose basis coordinates are `fhat`, keeping the directions `kept`; `cols`: only these
     /// output columns, in this order (all when `None`).
     pub fn run(
+        &self,
+        fhat: MatRef<'_, f64>,
+        n: usize,
+        pos: usize,
+        kept: Kept<'_>,
+        cols: Option<&[usize]>,
+    ) -> Batch {
+        let chunk = (self.run_numbers / (pos * self.width).max(1)).max(1);
+        if n <= chunk {
+            return self.run_chunk(fhat, n, pos, kept, cols);
+        }
+        let parts: Vec<Batch> = (0..n)
+            .step_by(chunk)
+            .map(|x0| {
+                let nc = chunk.min(n - x0);
+                self.run_chunk(fhat.subrows(x0 * pos, nc * pos), nc, pos, kept, cols)
+            })
+            .collect();
+        let (pos_out, width) = (parts[0].pos, parts[0].features());
+        let mut data = Mat::zeros(n * pos_out, width);
+        let mut row = 0;
+        for p in &parts {
+            data.as_mut().subrows_mut(row, p.rows()).copy_from(&p.data);
+            row += p.rows();
+        }
+        Batch::new(n, 1, pos_out, data)
+    }
+
+    /// Runs in chunks of `numbers` activation numbers instead of [`RUN_NUMBERS`].
+    #[cfg(test)]
+    pub fn set_run_numbers(&mut self, numbers: usize) {
+        self.run_numbers = numbers;
+    }
+
+    fn run_chunk(
         &self,
         fhat: MatRef<'_, f64>,
         n: usize,
@@ -276,17 +341,20 @@ impl<'a> BasisSection<'a> {
                 mm(f.as_ref(), d.as_ref())
             }
         };
-        if let Some(act) = self.act {
-            for j in 0..x.ncols() {
-                for v in x.col_as_slice_mut(j) {
-                    *v = act.apply(*v);
-                }
-            }
+        if let Some((act, width)) = self.act {
+            apply(&mut x, act, width);
         }
         let mut y = Batch::new(n, 1, pos, x);
         for m in self.mid {
-            if !m.is_identity() {
-                y = m.forward(&y).0;
+            if m.is_identity() {
+                continue;
+            }
+            match m.structure() {
+                // In place, without the derivatives the module's forward keeps for its JVP.
+                Structure::Elementwise { act, width } if m.in_features() == m.out_features() => {
+                    apply(&mut y.data, act, width)
+                }
+                _ => y = m.forward(&y).0,
             }
         }
         let data = match (&self.tail, cols) {
@@ -301,6 +369,15 @@ impl<'a> BasisSection<'a> {
             (None, _) => y.data,
         };
         Batch::new(y.n, 1, y.pos, data)
+    }
+}
+
+/// `x_ij = act(x_ij)` for the first `width` columns `j`.
+fn apply(x: &mut Mat<f64>, act: Activation, width: usize) {
+    for j in 0..width.min(x.ncols()) {
+        for v in x.col_as_slice_mut(j) {
+            *v = act.apply(*v);
+        }
     }
 }
 
