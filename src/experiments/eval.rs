@@ -4,7 +4,7 @@
 
 use crate::algorithm::pass::fold;
 use crate::data::Dataset;
-use crate::models::{Activation, Cache, Model, Module, Section, Structure};
+use crate::models::{Activation, Cache, Model, Module, Structure};
 use crate::tensor::linalg::mm;
 use crate::tensor::Batch;
 use faer::{Mat, MatRef};
@@ -165,12 +165,14 @@ pub enum Kept<'a> {
 /// `x = fhat_kept R` (`R` such as `C_pinv`, one row per basis direction), the output `y P` (`P`
 /// such as `C_out`, or nothing).
 ///
-/// The section's linear head (its leading [`Module::fixed_linear`] and identity modules,
-/// [`Structure::Linear`] ones, and the matrix of a first [`Structure::Dense`]) is pushed
+/// The section's linear head (its leading [`Module::fixed_linear`], identity and
+/// [`Structure::Linear`] modules, and the matrix of a first [`Structure::Dense`]) is pushed
 /// through `R` once, so that zeroing directions is a product of `fhat`'s kept columns with
 /// `R`'s kept rows, one small GEMM instead of `fhat C_pinv` and the head's products on the full
-/// width. Likewise the fixed linear suffix is folded into `P`, of which only the wanted columns
-/// are multiplied. The nonlinear middle runs as it is. A wholly linear section is one matrix.
+/// width. Likewise the linear suffix (trailing modules of the same kinds) is folded into `P`,
+/// of which only the wanted columns are multiplied. The nonlinear middle runs as it is, but
+/// for [`Structure::Elementwise`] modules, applied in place. A wholly linear section is one
+/// matrix.
 pub struct BasisSection<'a> {
     /// `R` through the linear head (`d_basis x width`); when `linear`, `R` times the whole
     /// section times `P`.
@@ -211,38 +213,40 @@ impl<'a> BasisSection<'a> {
         let mut i = 0;
         while i < modules.len() && act.is_none() {
             let m = modules[i].as_ref();
-            if m.fixed_linear() && !m.is_identity() {
-                let r = dirs.nrows();
-                let no_cache: Cache = Box::new(());
-                dirs = m.jvp(&no_cache, &Batch::new(1, r, 1, dirs)).data;
-            } else if !m.is_identity() {
-                match m.structure() {
-                    Structure::Linear(w) => dirs = mm(dirs.as_ref(), w),
-                    Structure::Dense { w, act: a } => {
-                        dirs = mm(dirs.as_ref(), w);
-                        act = Some((a, w.ncols()));
+            match through(m, dirs) {
+                Ok(d) => dirs = d,
+                Err(d) => {
+                    dirs = d;
+                    match m.structure() {
+                        Structure::Dense { w, act: a } => {
+                            dirs = mm(dirs.as_ref(), w);
+                            act = Some((a, w.ncols()));
+                        }
+                        Structure::Elementwise { act: a, width }
+                            if m.in_features() == m.out_features() =>
+                        {
+                            act = Some((a, width))
+                        }
+                        _ => break,
                     }
-                    Structure::Elementwise { act: a, width }
-                        if m.in_features() == m.out_features() =>
-                    {
-                        act = Some((a, width))
-                    }
-                    _ => break,
                 }
             }
             i += 1;
         }
         let rest = &modules[i..];
-        let n_suffix = Section { modules: rest }.fixed_linear_suffix();
+        let n_suffix = rest
+            .iter()
+            .rev()
+            .take_while(|m| is_linear(m.as_ref()))
+            .count();
         let (mid, suffix) = rest.split_at(rest.len() - n_suffix);
         let w_suffix = suffix.iter().any(|m| !m.is_identity()).then(|| {
             let d = suffix[0].in_features();
-            Section { modules: suffix }
-                .jvp(
-                    &Section::no_caches(suffix.len()),
-                    &Batch::new(1, d, 1, Mat::identity(d, d)),
-                )
-                .data
+            suffix
+                .iter()
+                .fold(Mat::identity(d, d), |w, m| match through(m.as_ref(), w) {
+                    Ok(w) | Err(w) => w,
+                })
         });
         let mut tail = match (w_suffix, out) {
             (Some(w), Some(p)) => Some(mm(w.as_ref(), p.as_ref())),
@@ -369,6 +373,28 @@ impl<'a> BasisSection<'a> {
             (None, _) => y.data,
         };
         Batch::new(y.n, 1, y.pos, data)
+    }
+}
+
+/// Whether a module is one fixed linear map of every row: [`Module::fixed_linear`], an
+/// identity, or [`Structure::Linear`].
+fn is_linear(m: &dyn Module) -> bool {
+    m.fixed_linear() || m.is_identity() || matches!(m.structure(), Structure::Linear(_))
+}
+
+/// The rows of `x` through a module that [`is_linear`] (`Err(x)` for any other).
+fn through(m: &dyn Module, x: Mat<f64>) -> Result<Mat<f64>, Mat<f64>> {
+    if m.is_identity() {
+        return Ok(x);
+    }
+    if m.fixed_linear() {
+        let no_cache: Cache = Box::new(());
+        let r = x.nrows();
+        return Ok(m.jvp(&no_cache, &Batch::new(1, r, 1, x)).data);
+    }
+    match m.structure() {
+        Structure::Linear(w) => Ok(mm(x.as_ref(), w)),
+        _ => Err(x),
     }
 }
 
