@@ -705,11 +705,9 @@ pub fn strip_extras(mut v: serde_json::Value) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::data::modadd::{ModOp, ModularArithmetic};
-    use crate::io::weights::Tensors;
     use crate::models::mlp::MlpWeights;
     use crate::models::transformer::{transformer_from_tensors, Normalization, TransformerOptions};
     use crate::models::Activation;
-    use crate::tensor::HostTensor;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -928,41 +926,11 @@ mod tests {
         }
     }
 
-    /// Random TransformerLens-named weights of a one-layer model on `p + 1` tokens.
-    fn random_transformer(rng: &mut ChaCha8Rng, p: usize) -> Tensors {
-        let (dm, h, dh, dmlp) = (8, 2, 3, 12);
-        let mut t = Tensors::new();
-        let mut put = |name: &str, shape: Vec<usize>, scale: f64| {
-            let n = shape.iter().product();
-            let data = (0..n)
-                .map(|_| scale * rng.random_range(-1.0..1.0))
-                .collect();
-            t.insert(name.to_string(), HostTensor::new(shape, data));
-        };
-        put("embed.W_E", vec![p + 1, dm], 1.0);
-        put("pos_embed.W_pos", vec![3, dm], 0.5);
-        for w in ["W_Q", "W_K", "W_V"] {
-            put(&format!("blocks.0.attn.{w}"), vec![h, dm, dh], 0.7);
-        }
-        for b in ["b_Q", "b_K", "b_V"] {
-            put(&format!("blocks.0.attn.{b}"), vec![h, dh], 0.2);
-        }
-        put("blocks.0.attn.W_O", vec![h, dh, dm], 0.5);
-        put("blocks.0.attn.b_O", vec![dm], 0.2);
-        put("blocks.0.mlp.W_in", vec![dm, dmlp], 0.5);
-        put("blocks.0.mlp.b_in", vec![dmlp], 0.2);
-        put("blocks.0.mlp.W_out", vec![dmlp, dm], 0.5);
-        put("blocks.0.mlp.b_out", vec![dm], 0.2);
-        put("unembed.W_U", vec![dm, p], 0.5);
-        put("unembed.b_U", vec![p], 0.2);
-        t
-    }
-
     #[test]
     fn transformer_masked_sections_match_the_reference() {
         let p = 7;
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let tensors = random_transformer(&mut rng, p);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
         let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
         // The pipeline's setting: no norm, last position from add_resid1; the published node
         // layers, then others whose sections start or end inside attention and MLP.

@@ -216,35 +216,69 @@ pub fn label_features(
     modulus: usize,
     op: ModOp,
 ) -> anyhow::Result<Vec<FourierLabel>> {
-    let index = model
-        .node_index(&basis.name)
-        .with_context(|| format!("node layer `{}` is not in the model", basis.name))?;
-    let data = ModularArithmetic::new(modulus, op, Split::All, 1.0, 0, None)?;
-    let d = basis.d_orig;
-    let c = basis.c.clone().unwrap_or_else(|| Mat::identity(d, d));
-    let p = modulus;
-    // One column per feature, row a p + b (Split::All lists the pairs in this order): the
-    // feature summed over positions.
-    let batches: Vec<Mat<f64>> = crate::algorithm::pass::chunks(data.len(), 1024)
-        .into_par_iter()
-        .map(|r| {
-            let f = model.run(data.inputs(r), 0, index);
-            let fhat = mm(f.data.as_ref(), c.as_ref());
-            let pos = f.pos;
-            Mat::from_fn(f.n, fhat.ncols(), |x, j| {
-                (0..pos).map(|s| fhat[(x * pos + s, j)]).sum::<f64>()
-            })
+    Ok(label_layers(model, &[basis], modulus, op)?.remove(0))
+}
+
+/// [`label_features`] of several node layers, from one forward pass over all pairs.
+pub fn label_layers(
+    model: &Model,
+    bases: &[&NodeBasis],
+    modulus: usize,
+    op: ModOp,
+) -> anyhow::Result<Vec<Vec<FourierLabel>>> {
+    let mut order: Vec<(usize, usize)> = Vec::with_capacity(bases.len());
+    for (l, b) in bases.iter().enumerate() {
+        let index = model
+            .node_index(&b.name)
+            .with_context(|| format!("node layer `{}` is not in the model", b.name))?;
+        order.push((index, l));
+    }
+    order.sort_unstable();
+    let cs: Vec<Mat<f64>> = bases
+        .iter()
+        .map(|b| {
+            let d = b.d_orig;
+            b.c.clone().unwrap_or_else(|| Mat::identity(d, d))
         })
         .collect();
-    let mut grids = Mat::zeros(p * p, c.ncols());
-    let mut row = 0;
-    for b in &batches {
-        grids.as_mut().subrows_mut(row, b.nrows()).copy_from(b);
-        row += b.nrows();
-    }
-    Ok(power_spectra(grids.as_ref(), p)
-        .par_iter()
-        .map(label_from_power)
+    let data = ModularArithmetic::new(modulus, op, Split::All, 1.0, 0, None)?;
+    let p = modulus;
+    // Per batch and layer, one column per feature, row a p + b (Split::All lists the pairs in
+    // this order): the feature summed over positions, (sum_s f_s) C. Small batches: the model
+    // runs several times faster on activations that stay in cache.
+    let batches: Vec<Vec<Mat<f64>>> = crate::algorithm::pass::chunks(data.len(), 128)
+        .into_par_iter()
+        .map(|r| {
+            let mut out = vec![Mat::zeros(0, 0); bases.len()];
+            let (mut f, mut at) = (data.inputs(r), 0);
+            for &(index, l) in &order {
+                f = model.run(f, at, index);
+                at = index;
+                let pos = f.pos;
+                let summed = Mat::from_fn(f.n, f.features(), |x, j| {
+                    (0..pos).map(|s| f.data[(x * pos + s, j)]).sum::<f64>()
+                });
+                out[l] = mm(summed.as_ref(), cs[l].as_ref());
+            }
+            out
+        })
+        .collect();
+    Ok((0..bases.len())
+        .map(|l| {
+            let mut grids = Mat::zeros(p * p, cs[l].ncols());
+            let mut row = 0;
+            for b in &batches {
+                grids
+                    .as_mut()
+                    .subrows_mut(row, b[l].nrows())
+                    .copy_from(&b[l]);
+                row += b[l].nrows();
+            }
+            power_spectra(grids.as_ref(), p)
+                .par_iter()
+                .map(label_from_power)
+                .collect()
+        })
         .collect())
 }
 
@@ -367,6 +401,78 @@ mod tests {
             let order: Vec<_> = l.dominant.iter().map(|d| (d.0, d.1)).collect();
             assert_eq!(order[..2], [(5, 0), (0, 5)]);
         }
+    }
+
+    #[test]
+    fn layers_are_labelled_as_feature_by_feature() {
+        use crate::models::transformer::{transformer_from_tensors, TransformerOptions};
+        use rand::{Rng, SeedableRng};
+        let p = 11;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let opts = TransformerOptions {
+            last_pos_module_type: Some("add_resid1".into()),
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        let basis = |name: &str, d_lib: Option<usize>, rng: &mut rand_chacha::ChaCha8Rng| {
+            let d = model.node_features(model.node_index(name).unwrap());
+            NodeBasis {
+                name: name.into(),
+                d_orig: d,
+                pos: 1,
+                mean: vec![],
+                gram: Mat::zeros(0, 0),
+                c: d_lib.map(|k| Mat::from_fn(d, k, |_, _| rng.random_range(-1.0..1.0))),
+                c_pinv: None,
+                w: None,
+                w_pinv: None,
+                v: None,
+                lambda: vec![],
+                n_masked: 0,
+                has_constant: false,
+            }
+        };
+        // Out of model order, and the neuron basis (no C).
+        let bases = [
+            basis("unembed", Some(6), &mut rng),
+            basis("ln1.0", Some(5), &mut rng),
+            basis("ln2.0", None, &mut rng),
+        ];
+        let refs: Vec<&NodeBasis> = bases.iter().collect();
+        let labels = label_layers(&model, &refs, p, ModOp::Add).unwrap();
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        for (b, got) in bases.iter().zip(&labels) {
+            // The reference: activations of all pairs at once, f C, each feature's grid
+            // summed over positions, the loops.
+            let f = model.run(data.inputs(0..p * p), 0, model.node_index(&b.name).unwrap());
+            let c =
+                b.c.clone()
+                    .unwrap_or_else(|| Mat::identity(b.d_orig, b.d_orig));
+            let fhat = mm(f.data.as_ref(), c.as_ref());
+            assert_eq!(got.len(), c.ncols());
+            for (j, got) in got.iter().enumerate() {
+                let grid = Mat::from_fn(p, p, |a, x| {
+                    (0..f.pos)
+                        .map(|s| fhat[((a * p + x) * f.pos + s, j)])
+                        .sum::<f64>()
+                });
+                let want = label_from_power(&power_spectrum(&grid));
+                assert_eq!(got.label, want.label, "{} feature {j}", b.name);
+                for (x, y) in [(got.a, want.a), (got.b, want.b), (got.cross, want.cross)] {
+                    assert!((x - y).abs() < 1e-10, "{} feature {j}: {x} vs {y}", b.name);
+                }
+                for (x, y) in got.dominant.iter().zip(&want.dominant) {
+                    assert_eq!((x.0, x.1), (y.0, y.1), "{} feature {j}", b.name);
+                    assert!((x.2 - y.2).abs() < 1e-10);
+                }
+            }
+        }
+        let one = label_features(&model, &bases[1], p, ModOp::Add).unwrap();
+        assert_eq!(
+            one.iter().map(|l| &l.label).collect::<Vec<_>>(),
+            labels[1].iter().map(|l| &l.label).collect::<Vec<_>>()
+        );
     }
 
     #[test]
