@@ -283,6 +283,32 @@ fn baseline_score(model: &Model, data: &dyn Dataset, s: &AblationSettings) -> f6
     cached.score(s.metric, &|b| Batch::new(b.n, 1, b.pos, b.fhat.clone()))
 }
 
+/// Errors (instead of a panic later) on a basis whose matrices do not fit its node layer
+/// `index` of the model.
+fn check_basis(model: &Model, b: &NodeBasis, index: usize) -> anyhow::Result<()> {
+    let d = model.node_features(index);
+    if b.d_orig != d {
+        bail!(
+            "node layer `{}` has {d} features in the model, {} in the graph",
+            b.name,
+            b.d_orig
+        );
+    }
+    match (&b.c, &b.c_pinv) {
+        (None, None) => Ok(()),
+        (Some(c), Some(cp)) if c.nrows() == d && cp.shape() == (c.ncols(), d) => Ok(()),
+        (Some(c), Some(cp)) => bail!(
+            "node layer `{}`: C is {}x{} and C_pinv {}x{}, for {d} features",
+            b.name,
+            c.nrows(),
+            c.ncols(),
+            cp.nrows(),
+            cp.ncols()
+        ),
+        _ => bail!("node layer `{}` has only one of C and C_pinv", b.name),
+    }
+}
+
 /// `(C, C_pinv)` of a basis, identities for the neuron basis.
 fn basis_pair(b: &NodeBasis) -> (Mat<f64>, Mat<f64>) {
     let d = b.d_orig;
@@ -326,6 +352,7 @@ pub fn node_ablation(
         let index = model
             .node_index(&b.name)
             .with_context(|| format!("graph node layer `{}` is not in the model", b.name))?;
+        check_basis(model, b, index)?;
         // Keeping the first n directions: f C_n C_pinv_n through the rest of the model, i.e.
         // fhat[:, ..n] times C_pinv's first n rows pushed through its linear head.
         let (c, cp) = basis_pair(b);
@@ -617,6 +644,17 @@ pub fn edge_ablation(
         let to = model
             .node_index(&b_out.name)
             .with_context(|| format!("`{}` is not in the model", b_out.name))?;
+        check_basis(model, b_in, from)?;
+        check_basis(model, b_out, to)?;
+        if e.shape() != (b_out.d_lib(), b_in.d_lib()) {
+            bail!(
+                "edges {key} are {}x{}, the bases have {} and {} directions",
+                e.nrows(),
+                e.ncols(),
+                b_out.d_lib(),
+                b_in.d_lib()
+            );
+        }
         let mut section = EdgeSection::new(model, data, from, to, b_in, b_out, s.batch_size);
         let ranked = ranked_edges(e, b_in.has_constant);
         let mut eval = |k: usize| section.score(s.metric, &ranked, k);
@@ -980,6 +1018,67 @@ mod tests {
             ],
             3,
         );
+    }
+
+    #[test]
+    fn mismatched_graphs_are_errors() {
+        let p = 5;
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let model =
+            transformer_from_tensors(&tensors, &TransformerOptions::default(), "r").unwrap();
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        let d = |name: &str| model.node_features(model.node_index(name).unwrap());
+        let settings = AblationSettings {
+            kind: AblationKind::Edge,
+            schedule: Schedule::Bisect,
+            cutoff: 2,
+            base: 2.0,
+            step: 1,
+            delta: 0.001,
+            split: Split::Test,
+            metric: Metric::Accuracy,
+            node_layers: None,
+            batch_size: 8,
+        };
+        let good = |rng: &mut ChaCha8Rng| Graph {
+            layers: vec![
+                random_basis(rng, "ln2.0", d("ln2.0"), Some(4), true),
+                random_basis(rng, "output", d("output"), None, false),
+            ],
+            edges: vec![Mat::zeros(d("output"), 4)],
+            timings: vec![],
+        };
+        assert!(edge_ablation(&model, &data, &good(&mut rng), &settings).is_ok());
+        assert!(node_ablation(&model, &data, &good(&mut rng), &settings).is_ok());
+        let mut bad = Vec::new();
+        let mut g = good(&mut rng);
+        g.edges[0] = Mat::zeros(3, 4);
+        bad.push(("edge shape", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c = Some(Mat::zeros(d("ln2.0") + 1, 4));
+        bad.push(("C rows", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c_pinv = Some(Mat::zeros(3, d("ln2.0")));
+        bad.push(("C_pinv rows", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c_pinv = None;
+        bad.push(("no C_pinv", g));
+        let mut g = good(&mut rng);
+        g.layers[0].d_orig += 1;
+        bad.push(("d_orig", g));
+        for (what, g) in &bad {
+            assert!(
+                edge_ablation(&model, &data, g, &settings).is_err(),
+                "{what}"
+            );
+            if *what != "edge shape" {
+                assert!(
+                    node_ablation(&model, &data, g, &settings).is_err(),
+                    "{what}"
+                );
+            }
+        }
     }
 
     /// Random features (bias 1 appended) with random labels.

@@ -226,21 +226,26 @@ pub fn label_layers(
     modulus: usize,
     op: ModOp,
 ) -> anyhow::Result<Vec<Vec<FourierLabel>>> {
+    // (node index, position in `bases`), in model order; and each basis's C.
     let mut order: Vec<(usize, usize)> = Vec::with_capacity(bases.len());
+    let mut cs: Vec<Mat<f64>> = Vec::with_capacity(bases.len());
     for (l, b) in bases.iter().enumerate() {
         let index = model
             .node_index(&b.name)
             .with_context(|| format!("node layer `{}` is not in the model", b.name))?;
+        let d = model.node_features(index);
+        if let Some(c) = &b.c {
+            anyhow::ensure!(
+                c.nrows() == d,
+                "node layer `{}` has {d} features in the model, C has {} rows",
+                b.name,
+                c.nrows()
+            );
+        }
         order.push((index, l));
+        cs.push(b.c.clone().unwrap_or_else(|| Mat::identity(d, d)));
     }
     order.sort_unstable();
-    let cs: Vec<Mat<f64>> = bases
-        .iter()
-        .map(|b| {
-            let d = b.d_orig;
-            b.c.clone().unwrap_or_else(|| Mat::identity(d, d))
-        })
-        .collect();
     let data = ModularArithmetic::new(modulus, op, Split::All, 1.0, 0, None)?;
     let p = modulus;
     // Per batch and layer, one column per feature, row a p + b (Split::All lists the pairs in
@@ -468,6 +473,11 @@ mod tests {
                 }
             }
         }
+        let mut wrong = basis("ln1.0", Some(5), &mut rng);
+        wrong.c = Some(Mat::zeros(wrong.d_orig + 1, 5));
+        assert!(label_features(&model, &wrong, p, ModOp::Add).is_err());
+        wrong.name = "nowhere".into();
+        assert!(label_features(&model, &wrong, p, ModOp::Add).is_err());
         let one = label_features(&model, &bases[1], p, ModOp::Add).unwrap();
         assert_eq!(
             one.iter().map(|l| &l.label).collect::<Vec<_>>(),
