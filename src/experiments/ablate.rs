@@ -2,7 +2,7 @@
 //! (edge ablation) of a basis the model needs to keep its accuracy or loss.
 
 use super::config::{load_data, load_model, RunConfig};
-use super::eval::{score_logits, Score, Targets};
+use super::eval::{score_logits_with, BasisSection, Kept, Score, Targets};
 use crate::algorithm::pass::{chunks, progress};
 use crate::algorithm::{Graph, NodeBasis};
 use crate::data::modadd::Split;
@@ -195,48 +195,133 @@ fn pick(metric: Metric, s: Score) -> f64 {
     }
 }
 
-/// Activations at one node layer for the whole evaluation set, in batches, with labels.
+/// Basis coordinates `fhat = f C` at one node layer for the whole evaluation set, in batches,
+/// with labels.
 struct Cached {
-    batches: Vec<(Batch, Targets)>,
+    batches: Vec<CachedBatch>,
 }
 
+struct CachedBatch {
+    /// Rows `(sample, position)`.
+    fhat: Mat<f64>,
+    n: usize,
+    pos: usize,
+    targets: Targets,
+}
+
+/// Samples per cached batch at most: evaluations run batches in parallel, and many small ones
+/// share the cores evenly (9 batches of 1024 on 2 cores take 5 rounds, 70 of 128 take 35) and
+/// stay in cache (see [`BasisSection::run`]).
+const CACHED_BATCH: usize = 128;
+
 impl Cached {
-    fn new(model: &Model, data: &dyn Dataset, index: usize, batch: usize) -> Self {
-        let batches = chunks(data.len(), super::eval::eval_batch(model, data, batch))
+    /// `c`: the basis (`None`: the activations themselves); batches of at most `batch` (and
+    /// [`CACHED_BATCH`]) samples.
+    fn new(
+        model: &Model,
+        data: &dyn Dataset,
+        index: usize,
+        batch: usize,
+        c: Option<&Mat<f64>>,
+    ) -> Self {
+        let batch = super::eval::eval_batch(model, data, batch).min(CACHED_BATCH);
+        let batches = chunks(data.len(), batch)
             .into_par_iter()
             .map(|r| {
                 let targets = Targets::of(data, r.clone());
-                (model.run(data.inputs(r), 0, index), targets)
+                let f = model.run(data.inputs(r), 0, index);
+                let fhat = match c {
+                    Some(c) => mm(f.data.as_ref(), c.as_ref()),
+                    None => f.data,
+                };
+                CachedBatch {
+                    fhat,
+                    n: f.n,
+                    pos: f.pos,
+                    targets,
+                }
             })
             .collect();
         Self { batches }
     }
 
-    /// Runs the rest of the model from `index` on `map(batch)` and scores it.
-    fn score(&self, model: &Model, index: usize, map: &(dyn Fn(&Batch) -> Batch + Sync)) -> Score {
-        let end = model.modules.len();
-        let (c, l, n) = self
+    /// The metric of the logits `logits(batch)` of every batch.
+    fn score(&self, metric: Metric, logits: &(dyn Fn(&CachedBatch) -> Batch + Sync)) -> f64 {
+        let parts: Vec<_> = self
             .batches
             .par_iter()
-            .map(|(f, targets)| {
-                let y = model.run(map(f), index, end);
-                score_logits(&y, targets)
-            })
-            .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+            .map(|b| score_batch(metric, &logits(b), b))
+            .collect();
+        total(metric, parts)
+    }
+}
+
+/// Correct predictions, summed cross-entropy (for [`Metric::Loss`] only) and predictions of
+/// one batch's logits.
+fn score_batch(metric: Metric, logits: &Batch, b: &CachedBatch) -> (f64, f64, f64) {
+    score_logits_with(logits, &b.targets, metric == Metric::Loss)
+}
+
+/// The metric over batches, summed in order.
+fn total(metric: Metric, parts: Vec<(f64, f64, f64)>) -> f64 {
+    let (c, l, n) = parts
+        .into_iter()
+        .fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    pick(
+        metric,
         Score {
             accuracy: c / n,
             loss: l / n,
-        }
+        },
+    )
+}
+
+/// The unablated model's score.
+fn baseline_score(model: &Model, data: &dyn Dataset, s: &AblationSettings) -> f64 {
+    let end = model.modules.len();
+    let cached = Cached::new(model, data, end, s.batch_size, None);
+    cached.score(s.metric, &|b| Batch::new(b.n, 1, b.pos, b.fhat.clone()))
+}
+
+/// Errors (instead of a panic later) on a basis whose matrices do not fit its node layer
+/// `index` of the model.
+fn check_basis(model: &Model, b: &NodeBasis, index: usize) -> anyhow::Result<()> {
+    let d = model.node_features(index);
+    if b.d_orig != d {
+        bail!(
+            "node layer `{}` has {d} features in the model, {} in the graph",
+            b.name,
+            b.d_orig
+        );
+    }
+    match (&b.c, &b.c_pinv) {
+        (None, None) => Ok(()),
+        (Some(c), Some(cp)) if c.nrows() == d && cp.shape() == (c.ncols(), d) => Ok(()),
+        (Some(c), Some(cp)) => bail!(
+            "node layer `{}`: C is {}x{} and C_pinv {}x{}, for {d} features",
+            b.name,
+            c.nrows(),
+            c.ncols(),
+            cp.nrows(),
+            cp.ncols()
+        ),
+        _ => bail!("node layer `{}` has only one of C and C_pinv", b.name),
+    }
+}
+
+/// `(C, C_pinv)` of a basis, identities for the neuron basis.
+fn basis_pair(b: &NodeBasis) -> (Mat<f64>, Mat<f64>) {
+    let d = b.d_orig;
+    match (&b.c, &b.c_pinv) {
+        (Some(c), Some(cp)) => (c.clone(), cp.clone()),
+        _ => (Mat::identity(d, d), Mat::identity(d, d)),
     }
 }
 
 /// `C_k C_pinv` keeping the first `n` basis directions.
+#[cfg(test)]
 fn projection(b: &NodeBasis, n: usize) -> Mat<f64> {
-    let d = b.d_orig;
-    let (c, cp) = match (&b.c, &b.c_pinv) {
-        (Some(c), Some(cp)) => (c.clone(), cp.clone()),
-        _ => (Mat::identity(d, d), Mat::identity(d, d)),
-    };
+    let (c, cp) = basis_pair(b);
     let n = n.min(c.ncols());
     mm(c.subcols(0, n), cp.subrows(0, n))
 }
@@ -248,12 +333,8 @@ pub fn node_ablation(
     graph: &Graph,
     s: &AblationSettings,
 ) -> anyhow::Result<AblationResult> {
-    let identity = |f: &Batch| f.clone();
-    let end_index = model.modules.len();
-    let baseline = {
-        let cached = Cached::new(model, data, end_index, s.batch_size);
-        pick(s.metric, cached.score(model, end_index, &identity))
-    };
+    let baseline = baseline_score(model, data, s);
+    let end = model.modules.len();
     let mut result = AblationResult {
         metric: format!("{:?}", s.metric).to_lowercase(),
         baseline,
@@ -271,14 +352,17 @@ pub fn node_ablation(
         let index = model
             .node_index(&b.name)
             .with_context(|| format!("graph node layer `{}` is not in the model", b.name))?;
-        let cached = Cached::new(model, data, index, s.batch_size);
+        check_basis(model, b, index)?;
+        // Keeping the first n directions: f C_n C_pinv_n through the rest of the model, i.e.
+        // fhat[:, ..n] times C_pinv's first n rows pushed through its linear head.
+        let (c, cp) = basis_pair(b);
+        let cached = Cached::new(model, data, index, s.batch_size, b.c.as_ref().map(|_| &c));
+        let rest = BasisSection::new(model, index, end, cp, None);
         let total = b.d_lib();
         let eval = |n: usize| {
-            let p = projection(b, n);
-            pick(
-                s.metric,
-                cached.score(model, index, &|f: &Batch| super::eval::project(f, &p)),
-            )
+            cached.score(s.metric, &|x| {
+                rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None)
+            })
         };
         let mut curve = Curve::default();
         match s.schedule {
@@ -320,66 +404,214 @@ fn ranked_edges(e: &Mat<f64>, skip_constant: bool) -> Vec<(usize, usize)> {
     v
 }
 
-/// Evaluates the model with each output feature of section `l -> l + 1` computed only from its
-/// kept input features (the top `k` edges plus the constant's). Output features sharing a mask
-/// share one forward pass.
-#[allow(clippy::too_many_arguments)]
-fn edge_masked_score(
-    model: &Model,
-    cached: &Cached,
-    from: usize,
-    to: usize,
-    b_in: &NodeBasis,
-    b_out: &NodeBasis,
-    ranked: &[(usize, usize)],
-    k: usize,
-) -> Score {
-    let d_in = b_in.d_lib();
-    let d_out = b_out.d_lib();
-    let mut masks = vec![vec![false; d_in]; d_out];
-    for m in masks.iter_mut() {
-        if b_in.has_constant {
-            m[0] = true;
+/// `(output feature, its kept inputs)`: what one memoised column of [`EdgeSection`] depends on.
+type MemoKey = (usize, Vec<usize>);
+
+/// A memoised column: per cached batch, and the evaluation that last used it.
+type MemoEntry = (Vec<Vec<f64>>, u64);
+
+/// Doubles of section outputs [`EdgeSection`] keeps for reuse (128 MB).
+const MEMO_NUMBERS: usize = 1 << 24;
+
+/// One edge matrix's section `from -> to` set up for masked evaluation (method.md section 10):
+/// each output feature computed only from its kept input features.
+///
+/// An output feature's coordinate depends only on its own kept set, and successive counts of a
+/// bisection change the kept sets of few output features (between `k` and `k'`, only those
+/// with an edge ranked in between), so each `(output feature, kept set)` column is computed
+/// once and reused while it fits in [`MEMO_NUMBERS`] (least recently used dropped first).
+struct EdgeSection<'a> {
+    /// Activations at `from` in the input basis.
+    cached: Cached,
+    /// The section from the input basis to the output basis's coordinates.
+    section: BasisSection<'a>,
+    /// The rest of the model, from the output basis's coordinates (through `C_pinv_out`).
+    rest: BasisSection<'a>,
+    /// Per cached batch: the unmasked section's output coordinates (for every output feature
+    /// that keeps all its inputs).
+    full: Vec<Batch>,
+    d_in: usize,
+    d_out: usize,
+    has_constant: bool,
+    /// `(output feature, kept inputs)` to its column per cached batch and the evaluation that
+    /// last used it.
+    memo: HashMap<MemoKey, MemoEntry>,
+    /// Doubles held in `memo`, and its budget.
+    memo_size: usize,
+    memo_budget: usize,
+    /// Evaluations so far.
+    clock: u64,
+    /// Output-feature columns computed so far (not taken from `memo` or `full`).
+    computed: usize,
+}
+
+impl<'a> EdgeSection<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &'a Model,
+        data: &dyn Dataset,
+        from: usize,
+        to: usize,
+        b_in: &NodeBasis,
+        b_out: &NodeBasis,
+        batch: usize,
+    ) -> Self {
+        let (c_in, cp_in) = basis_pair(b_in);
+        let (c_out, cp_out) = basis_pair(b_out);
+        let cached = Cached::new(model, data, from, batch, b_in.c.as_ref().map(|_| &c_in));
+        let section = BasisSection::new(model, from, to, cp_in, Some(&c_out));
+        let rest = BasisSection::new(model, to, model.modules.len(), cp_out, None);
+        let d_in = b_in.d_lib();
+        let full = cached
+            .batches
+            .par_iter()
+            .map(|b| section.run(b.fhat.as_ref(), b.n, b.pos, Kept::First(d_in), None))
+            .collect();
+        Self {
+            cached,
+            section,
+            rest,
+            full,
+            d_in,
+            d_out: b_out.d_lib(),
+            has_constant: b_in.has_constant,
+            memo: HashMap::new(),
+            memo_size: 0,
+            memo_budget: MEMO_NUMBERS,
+            clock: 0,
+            computed: 0,
         }
     }
-    for &(i, j) in &ranked[..k.min(ranked.len())] {
-        masks[i][j] = true;
+
+    /// Each output feature's kept inputs: the top `k` edges of `ranked` plus the constant's,
+    /// ascending.
+    fn kept_sets(&self, ranked: &[(usize, usize)], k: usize) -> Vec<Vec<usize>> {
+        let mut kept: Vec<Vec<usize>> = (0..self.d_out)
+            .map(|_| if self.has_constant { vec![0] } else { vec![] })
+            .collect();
+        for &(i, j) in &ranked[..k.min(ranked.len())] {
+            kept[i].push(j);
+        }
+        for m in kept.iter_mut() {
+            m.sort_unstable();
+            m.dedup();
+        }
+        kept
     }
-    // Group output features by mask.
-    let mut groups: HashMap<Vec<bool>, Vec<usize>> = HashMap::new();
-    for (i, m) in masks.into_iter().enumerate() {
-        groups.entry(m).or_default().push(i);
-    }
-    let eye = |d| Mat::<f64>::identity(d, d);
-    let c_in = b_in.c.clone().unwrap_or_else(|| eye(b_in.d_orig));
-    let cp_in = b_in.c_pinv.clone().unwrap_or_else(|| eye(b_in.d_orig));
-    let c_out = b_out.c.clone().unwrap_or_else(|| eye(b_out.d_orig));
-    let cp_out = b_out.c_pinv.clone().unwrap_or_else(|| eye(b_out.d_orig));
-    let groups: Vec<(Vec<bool>, Vec<usize>)> = groups.into_iter().collect();
-    let map = |f: &Batch| -> Batch {
-        let fhat = mm(f.data.as_ref(), c_in.as_ref());
-        let mut out_hat: Option<Mat<f64>> = None;
-        let mut pos_out = 0;
-        for (mask, outs) in &groups {
-            let masked = Mat::from_fn(
-                fhat.nrows(),
-                d_in,
-                |r, j| if mask[j] { fhat[(r, j)] } else { 0.0 },
-            );
-            let x = Batch::new(f.n, 1, f.pos, mm(masked.as_ref(), cp_in.as_ref()));
-            let y = model.run(x, from, to);
-            pos_out = y.pos;
-            let yhat = mm(y.data.as_ref(), c_out.as_ref());
-            let acc = out_hat.get_or_insert_with(|| Mat::zeros(yhat.nrows(), d_out));
-            for &i in outs {
-                acc.col_mut(i).copy_from(yhat.col(i));
+
+    /// `per_batch(batch, logits)` for every cached batch, with the top `k` edges (and the
+    /// constant's) kept.
+    fn masked<T: Send>(
+        &mut self,
+        ranked: &[(usize, usize)],
+        k: usize,
+        per_batch: &(dyn Fn(&CachedBatch, Batch) -> T + Sync),
+    ) -> Vec<T> {
+        self.clock += 1;
+        let kept = self.kept_sets(ranked, k);
+        // Where each output feature's column comes from.
+        enum Source<'m> {
+            Full,
+            Memo(&'m [Vec<f64>]),
+            /// Column `c` of new group `g`.
+            New(usize, usize),
+        }
+        let mut groups: Vec<(&[usize], Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&[usize], usize> = HashMap::new();
+        let mut sources = Vec::with_capacity(self.d_out);
+        for (i, m) in kept.iter().enumerate() {
+            if m.len() == self.d_in {
+                sources.push(Source::Full);
+            } else if let Some((cols, _)) = self.memo.get(&(i, m.clone())) {
+                sources.push(Source::Memo(cols));
+            } else {
+                let g = *index.entry(m).or_insert_with(|| {
+                    groups.push((m, Vec::new()));
+                    groups.len() - 1
+                });
+                sources.push(Source::New(g, groups[g].1.len()));
+                groups[g].1.push(i);
             }
         }
-        let out_hat = out_hat.expect("at least one output feature");
-        Batch::new(f.n, 1, pos_out, mm(out_hat.as_ref(), cp_out.as_ref()))
-    };
-    // `cached` holds activations at `from`; `map` runs the section, scoring continues at `to`.
-    cached.score(model, to, &|f: &Batch| map(f))
+        self.computed += groups.iter().map(|g| g.1.len()).sum::<usize>();
+        let (section, rest, d_out) = (&self.section, &self.rest, self.d_out);
+        let results: Vec<(T, Vec<Mat<f64>>)> = self
+            .cached
+            .batches
+            .par_iter()
+            .zip(&self.full)
+            .enumerate()
+            .map(|(bi, (b, full))| {
+                let new: Vec<Mat<f64>> = groups
+                    .iter()
+                    .map(|(m, outs)| {
+                        section
+                            .run(b.fhat.as_ref(), b.n, b.pos, Kept::Only(m), Some(outs))
+                            .data
+                    })
+                    .collect();
+                let mut out = Mat::zeros(full.rows(), d_out);
+                for (i, s) in sources.iter().enumerate() {
+                    let dst = out.col_as_slice_mut(i);
+                    match s {
+                        Source::Full => dst.copy_from_slice(full.data.col_as_slice(i)),
+                        Source::Memo(cols) => dst.copy_from_slice(&cols[bi]),
+                        Source::New(g, c) => dst.copy_from_slice(new[*g].col_as_slice(*c)),
+                    }
+                }
+                let logits = rest.run(out.as_ref(), full.n, full.pos, Kept::First(d_out), None);
+                (per_batch(b, logits), new)
+            })
+            .collect();
+        drop(sources);
+        let (values, new): (Vec<T>, Vec<Vec<Mat<f64>>>) = results.into_iter().unzip();
+        self.remember(&kept, &groups, new);
+        values
+    }
+
+    /// Marks this evaluation's memo entries used, adds its new columns and drops the least
+    /// recently used entries beyond the budget.
+    fn remember(
+        &mut self,
+        kept: &[Vec<usize>],
+        groups: &[(&[usize], Vec<usize>)],
+        new: Vec<Vec<Mat<f64>>>,
+    ) {
+        for (i, m) in kept.iter().enumerate() {
+            if let Some(e) = self.memo.get_mut(&(i, m.clone())) {
+                e.1 = self.clock;
+            }
+        }
+        for (g, (m, outs)) in groups.iter().enumerate() {
+            for (c, &i) in outs.iter().enumerate() {
+                let cols: Vec<Vec<f64>> =
+                    new.iter().map(|b| b[g].col_as_slice(c).to_vec()).collect();
+                self.memo_size += cols.iter().map(Vec::len).sum::<usize>();
+                self.memo.insert((i, m.to_vec()), (cols, self.clock));
+            }
+        }
+        if self.memo_size > self.memo_budget {
+            let mut by_age: Vec<(MemoKey, u64)> = self
+                .memo
+                .iter()
+                .map(|(key, e)| (key.clone(), e.1))
+                .collect();
+            by_age.sort_by_key(|e| e.1);
+            for (key, _) in by_age {
+                if self.memo_size <= self.memo_budget {
+                    break;
+                }
+                if let Some((cols, _)) = self.memo.remove(&key) {
+                    self.memo_size -= cols.iter().map(Vec::len).sum::<usize>();
+                }
+            }
+        }
+    }
+
+    fn score(&mut self, metric: Metric, ranked: &[(usize, usize)], k: usize) -> f64 {
+        let parts = self.masked(ranked, k, &|b, logits| score_batch(metric, &logits, b));
+        total(metric, parts)
+    }
 }
 
 /// Edge ablation of every edge matrix of a graph.
@@ -389,11 +621,7 @@ pub fn edge_ablation(
     graph: &Graph,
     s: &AblationSettings,
 ) -> anyhow::Result<AblationResult> {
-    let end = model.modules.len();
-    let baseline = pick(
-        s.metric,
-        Cached::new(model, data, end, s.batch_size).score(model, end, &|f: &Batch| f.clone()),
-    );
+    let baseline = baseline_score(model, data, s);
     let mut result = AblationResult {
         metric: format!("{:?}", s.metric).to_lowercase(),
         baseline,
@@ -416,14 +644,20 @@ pub fn edge_ablation(
         let to = model
             .node_index(&b_out.name)
             .with_context(|| format!("`{}` is not in the model", b_out.name))?;
-        let cached = Cached::new(model, data, from, s.batch_size);
+        check_basis(model, b_in, from)?;
+        check_basis(model, b_out, to)?;
+        if e.shape() != (b_out.d_lib(), b_in.d_lib()) {
+            bail!(
+                "edges {key} are {}x{}, the bases have {} and {} directions",
+                e.nrows(),
+                e.ncols(),
+                b_out.d_lib(),
+                b_in.d_lib()
+            );
+        }
+        let mut section = EdgeSection::new(model, data, from, to, b_in, b_out, s.batch_size);
         let ranked = ranked_edges(e, b_in.has_constant);
-        let eval = |k: usize| {
-            pick(
-                s.metric,
-                edge_masked_score(model, &cached, from, to, b_in, b_out, &ranked, k),
-            )
-        };
+        let mut eval = |k: usize| section.score(s.metric, &ranked, k);
         let mut curve = Curve::default();
         match s.schedule {
             Schedule::Bisect => {
@@ -508,6 +742,408 @@ pub fn strip_extras(mut v: serde_json::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::modadd::{ModOp, ModularArithmetic};
+    use crate::models::mlp::MlpWeights;
+    use crate::models::transformer::{transformer_from_tensors, Normalization, TransformerOptions};
+    use crate::models::Activation;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_mat(rng: &mut ChaCha8Rng, r: usize, c: usize, scale: f64) -> Mat<f64> {
+        Mat::from_fn(r, c, |_, _| scale * rng.random_range(-1.0..1.0))
+    }
+
+    /// A random basis of `d_lib` directions (`None`: the neuron basis, no `C`). `C_pinv` is
+    /// random too: the masked evaluations below compute the same function of any `C`, `C_pinv`.
+    fn random_basis(
+        rng: &mut ChaCha8Rng,
+        name: &str,
+        d_orig: usize,
+        d_lib: Option<usize>,
+        has_constant: bool,
+    ) -> NodeBasis {
+        let (c, c_pinv) = match d_lib {
+            Some(k) => (
+                Some(random_mat(rng, d_orig, k, 1.0)),
+                Some(random_mat(rng, k, d_orig, 1.0 / (k as f64).sqrt())),
+            ),
+            None => (None, None),
+        };
+        NodeBasis {
+            name: name.into(),
+            d_orig,
+            pos: 1,
+            mean: vec![],
+            gram: Mat::zeros(0, 0),
+            c,
+            c_pinv,
+            w: None,
+            w_pinv: None,
+            v: None,
+            lambda: vec![],
+            n_masked: 0,
+            has_constant,
+        }
+    }
+
+    /// The straightforward masked section (the implementation before [`EdgeSection`]): per
+    /// group of output features with equal masks, the whole section on `(fhat . mask) C_pinv`,
+    /// projected onto `C_out`; then the rest of the model on `out_hat C_pinv_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_edge_logits(
+        model: &Model,
+        f: &Batch,
+        from: usize,
+        to: usize,
+        b_in: &NodeBasis,
+        b_out: &NodeBasis,
+        ranked: &[(usize, usize)],
+        k: usize,
+    ) -> Batch {
+        let d_in = b_in.d_lib();
+        let d_out = b_out.d_lib();
+        let mut masks = vec![vec![false; d_in]; d_out];
+        for m in masks.iter_mut() {
+            if b_in.has_constant {
+                m[0] = true;
+            }
+        }
+        for &(i, j) in &ranked[..k.min(ranked.len())] {
+            masks[i][j] = true;
+        }
+        let mut groups: HashMap<Vec<bool>, Vec<usize>> = HashMap::new();
+        for (i, m) in masks.into_iter().enumerate() {
+            groups.entry(m).or_default().push(i);
+        }
+        let (c_in, cp_in) = basis_pair(b_in);
+        let (c_out, cp_out) = basis_pair(b_out);
+        let fhat = mm(f.data.as_ref(), c_in.as_ref());
+        let mut out_hat: Option<Mat<f64>> = None;
+        let mut pos_out = 0;
+        for (mask, outs) in &groups {
+            let masked = Mat::from_fn(
+                fhat.nrows(),
+                d_in,
+                |r, j| if mask[j] { fhat[(r, j)] } else { 0.0 },
+            );
+            let x = Batch::new(f.n, 1, f.pos, mm(masked.as_ref(), cp_in.as_ref()));
+            let y = model.run(x, from, to);
+            pos_out = y.pos;
+            let yhat = mm(y.data.as_ref(), c_out.as_ref());
+            let acc = out_hat.get_or_insert_with(|| Mat::zeros(yhat.nrows(), d_out));
+            for &i in outs {
+                acc.col_mut(i).copy_from(yhat.col(i));
+            }
+        }
+        let out_hat = out_hat.expect("at least one output feature");
+        let x = Batch::new(f.n, 1, pos_out, mm(out_hat.as_ref(), cp_out.as_ref()));
+        model.run(x, to, model.modules.len())
+    }
+
+    /// Largest entry of `|a - b|` over the largest `|b|`.
+    fn rel_diff(a: &Batch, b: &Batch) -> f64 {
+        assert_eq!((a.n, a.pos), (b.n, b.pos));
+        assert_eq!(a.data.shape(), b.data.shape());
+        let mut diff = 0.0f64;
+        let mut scale = 0.0f64;
+        for j in 0..a.data.ncols() {
+            for i in 0..a.data.nrows() {
+                diff = diff.max((a.data[(i, j)] - b.data[(i, j)]).abs());
+                scale = scale.max(b.data[(i, j)].abs());
+            }
+        }
+        diff / scale.max(1e-300)
+    }
+
+    /// The folded evaluations reassociate the same products (`(fhat M) C_pinv W` as
+    /// `fhat (C_pinv W)`, a fixed linear suffix times `C_out` first): each logit is a sum of a
+    /// few hundred terms no larger than the logits' scale here (random weights of order one),
+    /// so the two agree to ~1e-14 of that scale. 1e-10 leaves four orders of margin for the
+    /// softmax and activations, while a wrongly kept or dropped feature changes logits by
+    /// order one.
+    const TOL: f64 = 1e-10;
+
+    /// Checks edge and node ablations' logits on `model` against the straightforward
+    /// computations for every consecutive pair of `layers` (bases: `(name, d_lib or neuron,
+    /// has_constant)`).
+    fn check_against_reference(
+        model: &Model,
+        data: &dyn Dataset,
+        layers: &[(&str, Option<usize>, bool)],
+        seed: u64,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let end = model.modules.len();
+        let bases: Vec<NodeBasis> = layers
+            .iter()
+            .map(|&(name, d_lib, constant)| {
+                let index = model.node_index(name).unwrap();
+                random_basis(&mut rng, name, model.node_features(index), d_lib, constant)
+            })
+            .collect();
+        let batch = 5;
+        let ranges = chunks(
+            data.len(),
+            super::super::eval::eval_batch(model, data, batch),
+        );
+        for l in 0..bases.len() - 1 {
+            let (b_in, b_out) = (&bases[l], &bases[l + 1]);
+            let from = model.node_index(&b_in.name).unwrap();
+            let to = model.node_index(&b_out.name).unwrap();
+            let e = Mat::from_fn(b_out.d_lib(), b_in.d_lib(), |_, _| rng.random::<f64>());
+            let ranked = ranked_edges(&e, b_in.has_constant);
+            let total = ranked.len();
+            // Counts up and down again (reusing memoised columns), with the memo's budget
+            // ample and at a few columns (dropping most).
+            let ks = [
+                0,
+                1,
+                2,
+                5,
+                total / 3,
+                total / 2,
+                total - 1,
+                total,
+                total / 2 - 1,
+                3,
+                2,
+                0,
+            ];
+            for budget in [MEMO_NUMBERS, 3 * data.len()] {
+                let mut section = EdgeSection::new(model, data, from, to, b_in, b_out, batch);
+                section.memo_budget = budget;
+                if budget != MEMO_NUMBERS {
+                    // And in chunks of 2 samples (or 1).
+                    section.section.set_run_numbers(1);
+                    section.rest.set_run_numbers(100);
+                }
+                assert_eq!(section.cached.batches.len(), ranges.len());
+                for k in ks {
+                    let got = section.masked(&ranked, k, &|_, logits| logits);
+                    assert!(section.memo_size <= budget);
+                    if budget == MEMO_NUMBERS && k == 2 && section.clock > 3 {
+                        // Seen before: nothing computed again.
+                        let before = section.computed;
+                        section.masked(&ranked, k, &|_, _| ());
+                        assert_eq!(section.computed, before);
+                    }
+                    for (r, got) in ranges.iter().zip(&got) {
+                        let f = model.run(data.inputs(r.clone()), 0, from);
+                        let want =
+                            reference_edge_logits(model, &f, from, to, b_in, b_out, &ranked, k);
+                        let d = rel_diff(got, &want);
+                        assert!(
+                            d < TOL,
+                            "{} -> {} k {k}: relative difference {d:e}",
+                            b_in.name,
+                            b_out.name
+                        );
+                    }
+                }
+            }
+            // Node ablation from b_in: the first n directions through the rest of the model.
+            let (c, cp) = basis_pair(b_in);
+            let cached = Cached::new(model, data, from, batch, b_in.c.as_ref().map(|_| &c));
+            let mut rest = BasisSection::new(model, from, end, cp, None);
+            rest.set_run_numbers(200);
+            for n in [0, 1, b_in.d_lib() / 2, b_in.d_lib()] {
+                let p = projection(b_in, n);
+                for (i, r) in ranges.iter().enumerate() {
+                    let f = model.run(data.inputs(r.clone()), 0, from);
+                    let want = model.run(super::super::eval::project(&f, &p), from, end);
+                    let x = &cached.batches[i];
+                    let got = rest.run(x.fhat.as_ref(), x.n, x.pos, Kept::First(n), None);
+                    let d = rel_diff(&got, &want);
+                    assert!(
+                        d < TOL,
+                        "node ablation of {} at {n}: relative difference {d:e}",
+                        b_in.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transformer_masked_sections_match_the_reference() {
+        let p = 7;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        // The pipeline's setting: no norm, last position from add_resid1; the published node
+        // layers, then others whose sections start or end inside attention and MLP.
+        let opts = TransformerOptions {
+            last_pos_module_type: Some("add_resid1".into()),
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("ln1.0", Some(7), true),
+                ("ln2.0", Some(8), true),
+                ("unembed", Some(6), true),
+                ("output", None, false),
+            ],
+            1,
+        );
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("add_embed", None, false),
+                ("attn_out.0", Some(20), false),
+                ("mlp_act.0", Some(15), true),
+                ("add_resid2.0", Some(9), false),
+                ("output", Some(5), false),
+            ],
+            2,
+        );
+        // Layer norm (sections starting with a nonlinear module), every position kept.
+        let opts = TransformerOptions {
+            normalization: Normalization::LnPre,
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("ln1.0", Some(8), true),
+                ("ln1_out.0", Some(9), false),
+                ("ln2.0", None, true),
+                ("unembed", Some(6), true),
+                ("output", None, false),
+            ],
+            3,
+        );
+    }
+
+    #[test]
+    fn mismatched_graphs_are_errors() {
+        let p = 5;
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let model =
+            transformer_from_tensors(&tensors, &TransformerOptions::default(), "r").unwrap();
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        let d = |name: &str| model.node_features(model.node_index(name).unwrap());
+        let settings = AblationSettings {
+            kind: AblationKind::Edge,
+            schedule: Schedule::Bisect,
+            cutoff: 2,
+            base: 2.0,
+            step: 1,
+            delta: 0.001,
+            split: Split::Test,
+            metric: Metric::Accuracy,
+            node_layers: None,
+            batch_size: 8,
+        };
+        let good = |rng: &mut ChaCha8Rng| Graph {
+            layers: vec![
+                random_basis(rng, "ln2.0", d("ln2.0"), Some(4), true),
+                random_basis(rng, "output", d("output"), None, false),
+            ],
+            edges: vec![Mat::zeros(d("output"), 4)],
+            timings: vec![],
+        };
+        assert!(edge_ablation(&model, &data, &good(&mut rng), &settings).is_ok());
+        assert!(node_ablation(&model, &data, &good(&mut rng), &settings).is_ok());
+        let mut bad = Vec::new();
+        let mut g = good(&mut rng);
+        g.edges[0] = Mat::zeros(3, 4);
+        bad.push(("edge shape", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c = Some(Mat::zeros(d("ln2.0") + 1, 4));
+        bad.push(("C rows", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c_pinv = Some(Mat::zeros(3, d("ln2.0")));
+        bad.push(("C_pinv rows", g));
+        let mut g = good(&mut rng);
+        g.layers[0].c_pinv = None;
+        bad.push(("no C_pinv", g));
+        let mut g = good(&mut rng);
+        g.layers[0].d_orig += 1;
+        bad.push(("d_orig", g));
+        for (what, g) in &bad {
+            assert!(
+                edge_ablation(&model, &data, g, &settings).is_err(),
+                "{what}"
+            );
+            if *what != "edge shape" {
+                assert!(
+                    node_ablation(&model, &data, g, &settings).is_err(),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    /// Random features (bias 1 appended) with random labels.
+    struct Gaussian {
+        x: Mat<f64>,
+        labels: Vec<usize>,
+    }
+
+    impl Dataset for Gaussian {
+        fn len(&self) -> usize {
+            self.labels.len()
+        }
+        fn inputs(&self, range: std::ops::Range<usize>) -> Batch {
+            let x = self.x.subrows(range.start, range.len()).to_owned();
+            Batch::new(range.len(), 1, 1, x)
+        }
+        fn labels(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+            self.labels[range].to_vec()
+        }
+        fn describe(&self) -> String {
+            "gaussian".into()
+        }
+    }
+
+    #[test]
+    fn mlp_masked_sections_match_the_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let dims = [6, 10, 9, 4];
+        let weights = MlpWeights {
+            layers: dims
+                .windows(2)
+                .map(|w| {
+                    let m = random_mat(&mut rng, w[0], w[1], 0.8);
+                    let b = (0..w[1]).map(|_| rng.random_range(-0.3..0.3)).collect();
+                    (m, b)
+                })
+                .collect(),
+            // Not exact gelu: `models::mlp::erf(0.0)` never returns (reported), and nothing kept
+            // feeds it zeros.
+            act: Activation::GeluTanh,
+        };
+        let model = weights.into_model("mlp");
+        let n = 23;
+        let data = Gaussian {
+            x: Mat::from_fn(n, dims[0] + 1, |_, j| {
+                if j == dims[0] {
+                    1.0
+                } else {
+                    rng.random_range(-2.0..2.0)
+                }
+            }),
+            labels: (0..n).map(|i| i % dims[3]).collect(),
+        };
+        check_against_reference(
+            &model,
+            &data,
+            &[
+                ("layers.0", Some(7), true),
+                ("layers.1", Some(11), true),
+                ("layers.2", None, false),
+                ("output", Some(3), false),
+            ],
+            5,
+        );
+    }
 
     #[test]
     fn searches_find_the_threshold() {

@@ -8,7 +8,7 @@ use crate::data::Dataset;
 use crate::models::Model;
 use crate::tensor::linalg::mm;
 use anyhow::Context;
-use faer::Mat;
+use faer::{Mat, MatRef};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -29,17 +29,22 @@ pub struct FourierLabel {
     pub label: String,
 }
 
-/// 2-D DFT power `|F(k_a, k_b)|^2` of a `p x p` grid (rows `a`, columns `b`), written by hand:
-/// `p` is small (113) and prime, which no FFT crate here specialises for, and `O(p^3)` is
-/// ~1.4 M operations per feature.
-pub fn power_spectrum(grid: &Mat<f64>) -> Mat<f64> {
-    let p = grid.nrows();
-    let (cos, sin): (Vec<f64>, Vec<f64>) = (0..p)
+/// `cos` and `sin` of `2 pi t / p` for `t` in `0..p` (indexed by `k x mod p`).
+fn twiddles(p: usize) -> (Vec<f64>, Vec<f64>) {
+    (0..p)
         .map(|k| {
             let t = 2.0 * std::f64::consts::PI * k as f64 / p as f64;
             (t.cos(), t.sin())
         })
-        .unzip();
+        .unzip()
+}
+
+/// 2-D DFT power `|F(k_a, k_b)|^2` of a `p x p` grid (rows `a`, columns `b`), written out as
+/// two `O(p^3)` loops: the reference for [`power_spectra`].
+#[cfg(test)]
+pub fn power_spectrum(grid: &Mat<f64>) -> Mat<f64> {
+    let p = grid.nrows();
+    let (cos, sin) = twiddles(p);
     // Transform along b for each a, then along a.
     let mut re = Mat::<f64>::zeros(p, p);
     let mut im = Mat::<f64>::zeros(p, p);
@@ -71,6 +76,74 @@ pub fn power_spectrum(grid: &Mat<f64>) -> Mat<f64> {
     power
 }
 
+/// Grids per block of [`power_spectra`] (a block's stacked grids are a few MB at `p = 113`).
+const SPECTRA_BLOCK: usize = 8;
+
+/// 2-D DFT powers `|F_j(k_a, k_b)|^2` of many `p x p` grids, as matrix products: `grids` has
+/// one column per grid, row `a p + b` holding grid `j`'s `(a, b)`.
+///
+/// With `C_{kx} = cos(2 pi k x / p)` and `S` likewise, `F = (C - iS) G (C - iS)`. A real grid
+/// has `F(k_a, k_b) = conj F(-k_a, -k_b)`, so only the columns `k_b <= p / 2` are computed:
+/// `X = G [C_h | -S_h]` for the rows `(j, a)` of a block of grids (one product), then
+/// `[[C, S], [-S, C]] [Re X; Im X]` for the columns `(j, k_b)` (another); the power at
+/// `k_b > p / 2` is the one at `(-k_a, -k_b)`. `O(p^3)` per grid like the loops, at the speed
+/// of a matrix product.
+pub fn power_spectra(grids: MatRef<'_, f64>, p: usize) -> Vec<Mat<f64>> {
+    assert_eq!(grids.nrows(), p * p, "grids must have p^2 rows");
+    let (cos, sin) = twiddles(p);
+    let h = p / 2 + 1;
+    // [C_h | -S_h] (p x 2h): along b.
+    let right = Mat::from_fn(p, 2 * h, |b, c| {
+        let t = ((c % h) * b) % p;
+        if c < h {
+            cos[t]
+        } else {
+            -sin[t]
+        }
+    });
+    // [[C, S], [-S, C]] (2p x 2p): along a, (Re; Im) to (Re; Im).
+    let left = Mat::from_fn(2 * p, 2 * p, |r, c| {
+        let t = ((r % p) * (c % p)) % p;
+        match (r < p, c < p) {
+            (true, true) | (false, false) => cos[t],
+            (true, false) => sin[t],
+            (false, true) => -sin[t],
+        }
+    });
+    let n = grids.ncols();
+    let starts: Vec<usize> = (0..n).step_by(SPECTRA_BLOCK).collect();
+    starts
+        .into_par_iter()
+        .flat_map_iter(|j0| {
+            let nb = SPECTRA_BLOCK.min(n - j0);
+            // Rows (j, a), columns b.
+            let g = Mat::from_fn(nb * p, p, |r, b| grids[((r % p) * p + b, j0 + r / p)]);
+            let x = mm(g.as_ref(), right.as_ref());
+            // Rows (Re a | Im a), columns (j, k_b).
+            let z = Mat::from_fn(2 * p, nb * h, |r, c| {
+                let (j, kb) = (c / h, c % h);
+                x[(j * p + r % p, if r < p { kb } else { h + kb })]
+            });
+            let f = mm(left.as_ref(), z.as_ref());
+            (0..nb)
+                .map(|j| {
+                    let power = |ka: usize, kb: usize| {
+                        let (re, im) = (f[(ka, j * h + kb)], f[(p + ka, j * h + kb)]);
+                        re * re + im * im
+                    };
+                    Mat::from_fn(p, p, |ka, kb| {
+                        if kb < h {
+                            power(ka, kb)
+                        } else {
+                            power((p - ka) % p, p - kb)
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Labels a feature from its power spectrum.
 pub fn label_from_power(power: &Mat<f64>) -> FourierLabel {
     let p = power.nrows();
@@ -83,7 +156,10 @@ pub fn label_from_power(power: &Mat<f64>) -> FourierLabel {
     let mut b = 0.0;
     let mut cross = 0.0;
     let fold = |k: usize| k.min(p - k);
-    let mut merged = std::collections::BTreeMap::new();
+    // Power per folded frequency pair (x, y), x, y <= p / 2, row-major: the order in which
+    // `dominant` lists equal powers.
+    let h = p / 2 + 1;
+    let mut merged = vec![0.0; h * h];
     for ka in 0..p {
         for kb in 0..p {
             let v = power[(ka, kb)] / total;
@@ -94,14 +170,23 @@ pub fn label_from_power(power: &Mat<f64>) -> FourierLabel {
                 (false, false) => cross += v,
             }
             if ka != 0 || kb != 0 {
-                *merged.entry((fold(ka), fold(kb))).or_insert(0.0) += v;
+                merged[fold(ka) * h + fold(kb)] += v;
             }
         }
     }
     let constant = power[(0, 0)] / total;
     let mut dominant: Vec<(usize, usize, f64)> =
-        merged.into_iter().map(|((x, y), v)| (x, y, v)).collect();
-    dominant.sort_by(|x, y| y.2.total_cmp(&x.2));
+        (1..h * h).map(|i| (i / h, i % h, merged[i])).collect();
+    // Strongest first. Powers equal to 1e-12 of the total are ties, broken by frequency
+    // (`k_b`, then `k_a`: `a` before `b`): a feature symmetric in `a` and `b` (the first layer's,
+    // summed over positions) has equal `a` and `b` powers, and which one rounding makes larger
+    // depends on the order of the sums.
+    let tie = |v: f64| (v * 1e12).round();
+    dominant.sort_by(|x, y| {
+        tie(y.2)
+            .total_cmp(&tie(x.2))
+            .then((x.1, x.0).cmp(&(y.1, y.0)))
+    });
     dominant.truncate(5);
     let label = if constant > 0.5 {
         "const".to_string()
@@ -131,26 +216,73 @@ pub fn label_features(
     modulus: usize,
     op: ModOp,
 ) -> anyhow::Result<Vec<FourierLabel>> {
-    let index = model
-        .node_index(&basis.name)
-        .with_context(|| format!("node layer `{}` is not in the model", basis.name))?;
+    Ok(label_layers(model, &[basis], modulus, op)?.remove(0))
+}
+
+/// [`label_features`] of several node layers, from one forward pass over all pairs.
+pub fn label_layers(
+    model: &Model,
+    bases: &[&NodeBasis],
+    modulus: usize,
+    op: ModOp,
+) -> anyhow::Result<Vec<Vec<FourierLabel>>> {
+    // (node index, position in `bases`), in model order; and each basis's C.
+    let mut order: Vec<(usize, usize)> = Vec::with_capacity(bases.len());
+    let mut cs: Vec<Mat<f64>> = Vec::with_capacity(bases.len());
+    for (l, b) in bases.iter().enumerate() {
+        let index = model
+            .node_index(&b.name)
+            .with_context(|| format!("node layer `{}` is not in the model", b.name))?;
+        let d = model.node_features(index);
+        if let Some(c) = &b.c {
+            anyhow::ensure!(
+                c.nrows() == d,
+                "node layer `{}` has {d} features in the model, C has {} rows",
+                b.name,
+                c.nrows()
+            );
+        }
+        order.push((index, l));
+        cs.push(b.c.clone().unwrap_or_else(|| Mat::identity(d, d)));
+    }
+    order.sort_unstable();
     let data = ModularArithmetic::new(modulus, op, Split::All, 1.0, 0, None)?;
-    let f = model.run(data.inputs(0..data.len()), 0, index);
-    let d = basis.d_orig;
-    let c = basis.c.clone().unwrap_or_else(|| Mat::identity(d, d));
-    let fhat = mm(f.data.as_ref(), c.as_ref());
-    let pos = f.pos;
     let p = modulus;
-    Ok((0..fhat.ncols())
+    // Per batch and layer, one column per feature, row a p + b (Split::All lists the pairs in
+    // this order): the feature summed over positions, (sum_s f_s) C. Small batches: the model
+    // runs several times faster on activations that stay in cache.
+    let batches: Vec<Vec<Mat<f64>>> = crate::algorithm::pass::chunks(data.len(), 128)
         .into_par_iter()
-        .map(|j| {
-            // Pair index a * p + b is sample index: Split::All lists pairs in order.
-            let grid = Mat::from_fn(p, p, |a, b| {
-                (0..pos)
-                    .map(|s| fhat[((a * p + b) * pos + s, j)])
-                    .sum::<f64>()
-            });
-            label_from_power(&power_spectrum(&grid))
+        .map(|r| {
+            let mut out = vec![Mat::zeros(0, 0); bases.len()];
+            let (mut f, mut at) = (data.inputs(r), 0);
+            for &(index, l) in &order {
+                f = model.run(f, at, index);
+                at = index;
+                let pos = f.pos;
+                let summed = Mat::from_fn(f.n, f.features(), |x, j| {
+                    (0..pos).map(|s| f.data[(x * pos + s, j)]).sum::<f64>()
+                });
+                out[l] = mm(summed.as_ref(), cs[l].as_ref());
+            }
+            out
+        })
+        .collect();
+    Ok((0..bases.len())
+        .map(|l| {
+            let mut grids = Mat::zeros(p * p, cs[l].ncols());
+            let mut row = 0;
+            for b in &batches {
+                grids
+                    .as_mut()
+                    .subrows_mut(row, b[l].nrows())
+                    .copy_from(&b[l]);
+                row += b[l].nrows();
+            }
+            power_spectra(grids.as_ref(), p)
+                .par_iter()
+                .map(label_from_power)
+                .collect()
         })
         .collect())
 }
@@ -173,6 +305,184 @@ mod tests {
         let l = label_from_power(&power_spectrum(&sum));
         assert!((l.cross - 1.0).abs() < 1e-12 && l.label == "a5b5", "{l:?}");
         assert!((l.dominant[0].2 - 1.0).abs() < 1e-12);
+    }
+
+    /// `grids` as the columns of one matrix (row `a p + b`).
+    fn stack(grids: &[Mat<f64>]) -> Mat<f64> {
+        let p = grids[0].nrows();
+        Mat::from_fn(p * p, grids.len(), |r, j| grids[j][(r / p, r % p)])
+    }
+
+    #[test]
+    fn batched_spectra_match_the_loops() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        // Odd, even and tiny moduli; a number of grids that is not a multiple of the block.
+        for p in [1, 2, 3, 12, 13, 31] {
+            let grids: Vec<Mat<f64>> = (0..2 * SPECTRA_BLOCK + 3)
+                .map(|_| Mat::from_fn(p, p, |_, _| rng.random_range(-1.0..1.0)))
+                .collect();
+            let batched = power_spectra(stack(&grids).as_ref(), p);
+            assert_eq!(batched.len(), grids.len());
+            for (g, got) in grids.iter().zip(&batched) {
+                let want = power_spectrum(g);
+                let scale = want
+                    .col_iter()
+                    .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
+                    .fold(0.0, f64::max);
+                for ka in 0..p {
+                    for kb in 0..p {
+                        // Sums of p^2 terms of order one, reassociated: ~1e-14 of the largest.
+                        assert!(
+                            (got[(ka, kb)] - want[(ka, kb)]).abs() <= 1e-12 * scale,
+                            "p {p} ({ka}, {kb}): {} vs {}",
+                            got[(ka, kb)],
+                            want[(ka, kb)]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pure_wave_has_all_its_power_at_its_frequency() {
+        // cos(2 pi (ka a + kb b) / p + phi) = (e^{i..} + e^{-i..}) / 2: power (p^2 / 2)^2 at
+        // (ka, kb) and at (-ka, -kb), none elsewhere; a constant c: (c p^2)^2 at (0, 0).
+        let p = 13;
+        let waves = [(0, 0), (3, 0), (0, 5), (2, 11), (6, 6), (7, 1)];
+        let grids: Vec<Mat<f64>> = waves
+            .iter()
+            .map(|&(ka, kb)| {
+                Mat::from_fn(p, p, |a, b| {
+                    let t = 2.0 * std::f64::consts::PI * ((ka * a + kb * b) % p) as f64;
+                    (t / p as f64 + 0.4).cos()
+                })
+            })
+            .collect();
+        let spectra = power_spectra(stack(&grids).as_ref(), p);
+        let p4 = (p * p * p * p) as f64;
+        for (&(ka, kb), s) in waves.iter().zip(&spectra) {
+            let mirror = ((p - ka) % p, (p - kb) % p);
+            for x in 0..p {
+                for y in 0..p {
+                    let want = match (ka, kb) {
+                        (0, 0) if (x, y) == (0, 0) => p4 * 0.4f64.cos().powi(2),
+                        (0, 0) => 0.0,
+                        _ if (x, y) == (ka, kb) || (x, y) == mirror => p4 / 4.0,
+                        _ => 0.0,
+                    };
+                    assert!(
+                        (s[(x, y)] - want).abs() < 1e-12 * p4,
+                        "wave ({ka}, {kb}) at ({x}, {y}): {} vs {want}",
+                        s[(x, y)]
+                    );
+                }
+            }
+            if (ka, kb) != (0, 0) {
+                let l = label_from_power(s);
+                let fold = |k: usize| k.min(p - k);
+                assert_eq!((l.dominant[0].0, l.dominant[0].1), (fold(ka), fold(kb)));
+                assert!((l.dominant[0].2 - 1.0).abs() < 1e-12, "{l:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ties_do_not_depend_on_rounding() {
+        // Equal power at (5, 0) and (0, 5) (and their mirrors), up to rounding either way.
+        let p = 13;
+        for eps in [1e-16, -1e-16, 0.0] {
+            let mut power = Mat::zeros(p, p);
+            power[(5, 0)] = 1.0 + eps;
+            power[(p - 5, 0)] = 1.0 + eps;
+            power[(0, 5)] = 1.0;
+            power[(0, p - 5)] = 1.0;
+            power[(0, 0)] = 1e-3;
+            power[(2, 3)] = 1e-20 * (1.0 + eps);
+            power[(3, 2)] = 1e-20;
+            let l = label_from_power(&power);
+            assert_eq!(l.label, "a5", "{l:?}");
+            let order: Vec<_> = l.dominant.iter().map(|d| (d.0, d.1)).collect();
+            assert_eq!(order[..2], [(5, 0), (0, 5)]);
+        }
+    }
+
+    #[test]
+    fn layers_are_labelled_as_feature_by_feature() {
+        use crate::models::transformer::{transformer_from_tensors, TransformerOptions};
+        use rand::{Rng, SeedableRng};
+        let p = 11;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let opts = TransformerOptions {
+            last_pos_module_type: Some("add_resid1".into()),
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        let basis = |name: &str, d_lib: Option<usize>, rng: &mut rand_chacha::ChaCha8Rng| {
+            let d = model.node_features(model.node_index(name).unwrap());
+            NodeBasis {
+                name: name.into(),
+                d_orig: d,
+                pos: 1,
+                mean: vec![],
+                gram: Mat::zeros(0, 0),
+                c: d_lib.map(|k| Mat::from_fn(d, k, |_, _| rng.random_range(-1.0..1.0))),
+                c_pinv: None,
+                w: None,
+                w_pinv: None,
+                v: None,
+                lambda: vec![],
+                n_masked: 0,
+                has_constant: false,
+            }
+        };
+        // Out of model order, and the neuron basis (no C).
+        let bases = [
+            basis("unembed", Some(6), &mut rng),
+            basis("ln1.0", Some(5), &mut rng),
+            basis("ln2.0", None, &mut rng),
+        ];
+        let refs: Vec<&NodeBasis> = bases.iter().collect();
+        let labels = label_layers(&model, &refs, p, ModOp::Add).unwrap();
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        for (b, got) in bases.iter().zip(&labels) {
+            // The reference: activations of all pairs at once, f C, each feature's grid
+            // summed over positions, the loops.
+            let f = model.run(data.inputs(0..p * p), 0, model.node_index(&b.name).unwrap());
+            let c =
+                b.c.clone()
+                    .unwrap_or_else(|| Mat::identity(b.d_orig, b.d_orig));
+            let fhat = mm(f.data.as_ref(), c.as_ref());
+            assert_eq!(got.len(), c.ncols());
+            for (j, got) in got.iter().enumerate() {
+                let grid = Mat::from_fn(p, p, |a, x| {
+                    (0..f.pos)
+                        .map(|s| fhat[((a * p + x) * f.pos + s, j)])
+                        .sum::<f64>()
+                });
+                let want = label_from_power(&power_spectrum(&grid));
+                assert_eq!(got.label, want.label, "{} feature {j}", b.name);
+                for (x, y) in [(got.a, want.a), (got.b, want.b), (got.cross, want.cross)] {
+                    assert!((x - y).abs() < 1e-10, "{} feature {j}: {x} vs {y}", b.name);
+                }
+                for (x, y) in got.dominant.iter().zip(&want.dominant) {
+                    assert_eq!((x.0, x.1), (y.0, y.1), "{} feature {j}", b.name);
+                    assert!((x.2 - y.2).abs() < 1e-10);
+                }
+            }
+        }
+        let mut wrong = basis("ln1.0", Some(5), &mut rng);
+        wrong.c = Some(Mat::zeros(wrong.d_orig + 1, 5));
+        assert!(label_features(&model, &wrong, p, ModOp::Add).is_err());
+        wrong.name = "nowhere".into();
+        assert!(label_features(&model, &wrong, p, ModOp::Add).is_err());
+        let one = label_features(&model, &bases[1], p, ModOp::Add).unwrap();
+        assert_eq!(
+            one.iter().map(|l| &l.label).collect::<Vec<_>>(),
+            labels[1].iter().map(|l| &l.label).collect::<Vec<_>>()
+        );
     }
 
     #[test]

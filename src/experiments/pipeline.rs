@@ -7,7 +7,7 @@ use super::ablate::{
 use super::build::build_config;
 use super::config::{limit, load_data, load_model, DataConfig, RunConfig};
 use super::figures::{self, Curve, GraphDrawOptions, GraphView, LayerView};
-use super::fourier::{label_features, FourierLabel};
+use super::fourier::{label_layers, FourierLabel};
 use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
 use super::report::{write_report, Figure, Report, ReportSection, Table};
 use crate::algorithm::{BasisFormula, EdgeFormula, Graph};
@@ -276,15 +276,24 @@ pub fn fourier_labels(
     let DataConfig::ModularArithmetic { modulus, op, .. } = &cfg.data else {
         return Ok(None);
     };
-    let mut out = Vec::new();
-    for b in &g.layers {
-        if b.name == crate::models::OUTPUT {
-            out.push(Vec::new());
-        } else {
-            out.push(label_features(model, b, *modulus, *op)?);
-        }
-    }
-    Ok(Some(out))
+    let labelled: Vec<&crate::algorithm::NodeBasis> = g
+        .layers
+        .iter()
+        .filter(|b| b.name != crate::models::OUTPUT)
+        .collect();
+    let mut labels = label_layers(model, &labelled, *modulus, *op)?.into_iter();
+    Ok(Some(
+        g.layers
+            .iter()
+            .map(|b| {
+                if b.name == crate::models::OUTPUT {
+                    Vec::new()
+                } else {
+                    labels.next().unwrap_or_default()
+                }
+            })
+            .collect(),
+    ))
 }
 
 fn view(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> GraphView {
