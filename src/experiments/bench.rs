@@ -32,6 +32,8 @@ struct Job {
     args: &'static [&'static str],
     needs: &'static [&'static str],
     reference: &'static str,
+    /// Wall-time target from the issues (seconds on the 2-core development machine).
+    target: Option<f64>,
 }
 
 const JOBS: &[Job] = &[
@@ -48,6 +50,7 @@ const JOBS: &[Job] = &[
             "data/mnist/train-images-idx3-ubyte",
         ],
         reference: "14 min 23 s, 4.1 GB",
+        target: None,
     },
     Job {
         name: "modular addition seed 0, LIB + squared edges",
@@ -59,6 +62,7 @@ const JOBS: &[Job] = &[
         ],
         needs: &["../shared/reference/modadd/seed0/model_epoch_60000.pt"],
         reference: "63 s",
+        target: Some(0.6),
     },
     Job {
         name: "modular addition seed 0, PCA + squared edges",
@@ -70,6 +74,7 @@ const JOBS: &[Job] = &[
         ],
         needs: &["../shared/reference/modadd/seed0/model_epoch_60000.pt"],
         reference: "-",
+        target: Some(0.6),
     },
     Job {
         name: "modular addition seed 0, whole pipeline (`ibasis run`)",
@@ -81,6 +86,7 @@ const JOBS: &[Job] = &[
         ],
         needs: &["../shared/reference/modadd/seed0/model_epoch_60000.pt"],
         reference: "-",
+        target: Some(30.0),
     },
     Job {
         name: "shipped modular addition, whole pipeline (README main job)",
@@ -92,17 +98,18 @@ const JOBS: &[Job] = &[
         ],
         needs: &["assets/modadd/model.safetensors"],
         reference: "-",
+        target: Some(60.0),
     },
 ];
 
 pub fn run(repeat: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the ibasis executable")?;
-    println!("| job | wall (s) | peak memory (MiB) | reference here |");
-    println!("|---|---:|---:|---|");
+    println!("| job | wall (s) | peak memory (MiB) | target (s) | reference here |");
+    println!("|---|---:|---:|---:|---|");
     for job in JOBS {
         if let Some(missing) = job.needs.iter().find(|p| !Path::new(p).exists()) {
             println!(
-                "| {} | skipped: {missing} absent | | {} |",
+                "| {} | skipped: {missing} absent | | | {} |",
                 job.name, job.reference
             );
             continue;
@@ -127,8 +134,13 @@ pub fn run(repeat: usize) -> anyhow::Result<()> {
                 peak = peak.max(kib.trim().parse().unwrap_or(0));
             }
         }
+        let target = match job.target {
+            Some(t) if best <= t => format!("{t} (met)"),
+            Some(t) => format!("{t} (missed)"),
+            None => "-".into(),
+        };
         println!(
-            "| {} | {best:.2} | {:.0} | {} |",
+            "| {} | {best:.2} | {:.0} | {target} | {} |",
             job.name,
             peak as f64 / 1024.0,
             job.reference
