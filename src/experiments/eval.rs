@@ -182,7 +182,7 @@ pub struct BasisSection<'a> {
     act: Option<(Activation, usize)>,
     /// The modules run as they are.
     mid: &'a [Box<dyn Module>],
-    /// The fixed linear suffix times `P` (`None`: neither).
+    /// The linear suffix times `P` (`None`: neither).
     tail: Option<Mat<f64>>,
     /// `dirs` is the whole section (no activation, middle or tail).
     linear: bool,
@@ -326,6 +326,10 @@ impl<'a> BasisSection<'a> {
         let rows = fhat.nrows();
         let dir_cols = if self.linear { cols } else { None };
         let width = dir_cols.map_or(self.dirs.ncols(), |c| c.len());
+        let kept = match kept {
+            Kept::First(k) => Kept::First(k.min(self.dirs.nrows()).min(fhat.ncols())),
+            only => only,
+        };
         let mut x = match kept {
             Kept::First(0) => Mat::zeros(rows, width),
             Kept::First(k) => match dir_cols {
