@@ -1116,8 +1116,6 @@ mod tests {
                     (m, b)
                 })
                 .collect(),
-            // Not exact gelu: `models::mlp::erf(0.0)` never returns (reported), and nothing kept
-            // feeds it zeros.
             act: Activation::GeluTanh,
         };
         let model = weights.into_model("mlp");
