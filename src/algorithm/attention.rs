@@ -455,6 +455,7 @@ impl AttentionSection<'_> {
             .iter()
             .map(|b| mm(c_pinv.as_ref(), b.as_ref()))
             .collect();
+        let pre_qkv = mm(c_pinv.as_ref(), self.pre.subcols(0, self.attn.fqkv()));
         let pk: Vec<Mat<f64>> = (0..heads)
             .map(|h| mm(c_pinv.as_ref(), self.w_k(h)))
             .collect();
@@ -479,8 +480,8 @@ impl AttentionSection<'_> {
                 let (n, pos) = (f.n, f.pos);
                 let t = pos - 1;
                 let fhat = mm(f.data.as_ref(), c.as_ref());
-                let proj = mm(fhat.as_ref(), c_pinv.as_ref());
-                let y = mm(proj.as_ref(), pre.subcols(0, self.attn.fqkv()));
+                // (q, k, v) at the projection fhat C_pinv: fhat (C_pinv W_pre).
+                let y = mm(fhat.as_ref(), pre_qkv.as_ref());
                 let local = self.local(&y, n, pos, points);
                 let np = local.points;
                 let omega: Vec<Mat<f64>> = (0..heads)
