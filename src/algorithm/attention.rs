@@ -456,12 +456,10 @@ impl AttentionSection<'_> {
             .map(|b| mm(c_pinv.as_ref(), b.as_ref()))
             .collect();
         let pre_qkv = mm(c_pinv.as_ref(), self.pre.subcols(0, self.attn.fqkv()));
-        let pk: Vec<Mat<f64>> = (0..heads)
-            .map(|h| mm(c_pinv.as_ref(), self.w_k(h)))
-            .collect();
-        let pq: Vec<Mat<f64>> = (0..heads)
-            .map(|h| mm(c_pinv.as_ref(), self.w_q(h)))
-            .collect();
+        // C_pinv W_K,h and C_pinv W_Q,h: column blocks of the same product.
+        let (dh, offsets) = (self.attn.d_head, |h| self.attn.offsets(h));
+        let pk = |h: usize| pre_qkv.subcols(offsets(h).1, dh);
+        let pq = |h: usize| pre_qkv.subcols(offsets(h).0, dh);
         let pre = &self.pre;
         let (pos, np) = (
             super::basis::data_positions(model, data, from),
@@ -488,10 +486,10 @@ impl AttentionSection<'_> {
                     .map(|h| mm(psi[h].transpose(), local.u[h].as_ref()))
                     .collect();
                 let khat: Vec<Mat<f64>> = (0..heads)
-                    .map(|h| mm(pk[h].as_ref(), local.kq[h].as_ref()))
+                    .map(|h| mm(pk(h), local.kq[h].as_ref()))
                     .collect();
                 let qhat: Vec<Mat<f64>> = (0..heads)
-                    .map(|h| mm(pq[h].as_ref(), local.qk[h].as_ref()))
+                    .map(|h| mm(pq(h), local.qk[h].as_ref()))
                     .collect();
                 let fhat_t = fhat.transpose().to_owned();
                 // The key term at s and the query term from s share omega_hps: one column each.

@@ -3,42 +3,16 @@
 //! with several heads, grouped-query heads, a local window and integration points.
 
 use super::*;
+use crate::algorithm::tests::Fixed;
 use crate::algorithm::{
     basis, edges, integration, resolve_node_layers, BasisFormula, LibConfig, NodeBasis,
 };
-use crate::data::Dataset;
 use crate::models::transformer::attention::AttnOut;
 use crate::models::transformer::modules::{Add, LastPos, Project};
 use crate::models::{InputKind, Model};
 use crate::tensor::linalg::max_abs_diff;
-use crate::tensor::Batch;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::ops::Range;
-
-/// Random sequences of `pos` vectors of `d` features, the last one 1 (the folded bias).
-struct Sequences {
-    x: Mat<f64>,
-    pos: usize,
-}
-
-impl Dataset for Sequences {
-    fn len(&self) -> usize {
-        self.x.nrows() / self.pos
-    }
-    fn inputs(&self, range: Range<usize>) -> Batch {
-        let rows = self
-            .x
-            .subrows(range.start * self.pos, range.len() * self.pos);
-        Batch::new(range.len(), 1, self.pos, rows.to_owned())
-    }
-    fn labels(&self, range: Range<usize>) -> Vec<usize> {
-        vec![0; range.len()]
-    }
-    fn describe(&self) -> String {
-        "random sequences".into()
-    }
-}
 
 fn random(rng: &mut ChaCha8Rng, r: usize, c: usize, scale: f64) -> Mat<f64> {
     Mat::from_fn(r, c, |_, _| scale * (rng.random::<f64>() * 2.0 - 1.0))
@@ -162,7 +136,7 @@ fn metric_and_edges_equal_the_general_path() {
         for row in 0..n * pos {
             x[(row, r - 1)] = 1.0;
         }
-        let data = Sequences { x, pos };
+        let data = Fixed { x, pos };
         let (fast, slow) = (
             model(k as u64, setup, r, false),
             model(k as u64, setup, r, true),

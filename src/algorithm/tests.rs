@@ -12,18 +12,22 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::Range;
 
-/// Inputs from a fixed matrix (features with bias), one position.
+/// Inputs from a fixed matrix (features with bias), rows `(sample, position)`.
 pub struct Fixed {
     pub x: Mat<f64>,
+    /// Positions per sample.
+    pub pos: usize,
 }
 
 impl Dataset for Fixed {
     fn len(&self) -> usize {
-        self.x.nrows()
+        self.x.nrows() / self.pos
     }
     fn inputs(&self, range: Range<usize>) -> Batch {
-        let n = range.len();
-        Batch::new(n, 1, 1, self.x.subrows(range.start, n).to_owned())
+        let rows = self
+            .x
+            .subrows(range.start * self.pos, range.len() * self.pos);
+        Batch::new(range.len(), 1, self.pos, rows.to_owned())
     }
     fn labels(&self, range: Range<usize>) -> Vec<usize> {
         vec![0; range.len()]
@@ -58,6 +62,7 @@ fn mlp(seed: u64, dims: &[usize], act: Activation) -> MlpWeights {
 fn inputs(seed: u64, n: usize, d: usize) -> Fixed {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     Fixed {
+        pos: 1,
         x: Mat::from_fn(n, d + 1, |_, j| {
             if j == d {
                 1.0

@@ -3,15 +3,9 @@
 
 use super::*;
 use crate::models::transformer::modules::write_rows;
+use crate::tensor::simd::axpy;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-/// `y += alpha x`.
-fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
 
 /// Reference forward: scalar loops per `(sample, head, query)`. Output and the weights `p`.
 fn ref_forward(m: &AttnOut, x: &Batch) -> (Mat<f64>, Vec<f64>) {
