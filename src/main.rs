@@ -1,7 +1,7 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
-use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, plan, train};
+use ibasis::experiments::{ablate, bench, build, clustering, config, eval, pipeline, plan, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -86,6 +86,30 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
+    },
+    /// Leiden modules of a built graph under one of the reference's edge norms, at several
+    /// resolutions (a table of modules and Newman's Q per gamma) or at a target module count.
+    Modularity {
+        #[arg(long)]
+        graph: PathBuf,
+        /// identity, sqrt, abs, max, log:MASS, log-eps:E1,E2,.. (one per edge matrix) or
+        /// log-bisect:ABLATION_JSON (epsilon = smallest edge an edge bisection kept).
+        #[arg(long, default_value = "sqrt")]
+        norm: clustering::NormSpec,
+        /// Resolutions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        gamma: Vec<f64>,
+        /// Find the resolution giving this many modules instead of sweeping.
+        #[arg(long)]
+        target_n_clusters: Option<usize>,
+        /// Use only the first N features of each node layer (by Lambda, constant included).
+        #[arg(long)]
+        nodes_per_layer: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the rows as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Time the reference builds (MNIST, modular addition) and print a table.
     Bench {
@@ -175,6 +199,29 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Report { graphs, out, gamma } => {
             pipeline::report_from_dirs(&graphs, &out, gamma)?;
             println!("-> {}", out.display());
+        }
+        Command::Modularity {
+            graph,
+            norm,
+            gamma,
+            target_n_clusters,
+            nodes_per_layer,
+            seed,
+            out,
+        } => {
+            let req = clustering::ClusteringRequest {
+                norm,
+                gammas: gamma,
+                target_n_clusters,
+                nodes_per_layer,
+                seed,
+            };
+            let rows = clustering::run_clustering(&graph, &req)?;
+            print!("{}", clustering::sweep_table(&rows));
+            if let Some(out) = out {
+                ibasis::io::write_atomic(&out, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+                println!("-> {}", out.display());
+            }
         }
         Command::Bench { repeat } => bench::run(repeat)?,
     }

@@ -136,14 +136,14 @@ pub fn node_basis(
         n_masked: 0,
         has_constant: false,
     };
+    if !cfg.rotates(l, layers.len()) {
+        return Ok(basis);
+    }
     let formula = if is_last {
         BasisFormula::Svd
     } else {
         cfg.basis_formula
     };
-    if is_last && is_output && !cfg.rotate_final_node_layer {
-        return Ok(basis);
-    }
     if formula == BasisFormula::Neuron {
         // A permutation of the neurons: the bias coordinate first (the constant feature, so
         // ablations keep it like the constant direction of the other bases), then the neurons

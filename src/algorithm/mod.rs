@@ -68,7 +68,9 @@ pub struct LibConfig {
     pub node_layers: Vec<String>,
     #[serde(default)]
     pub basis_formula: BasisFormula,
-    #[serde(default)]
+    /// Centre the Gram matrix and keep the constant direction apart (method.md 4.1); the
+    /// reference's default, so a reference config means the same here.
+    #[serde(default = "yes")]
     pub center: bool,
     #[serde(default = "yes")]
     pub isolate_ln_var: bool,
@@ -78,6 +80,8 @@ pub struct LibConfig {
     pub integration_rule: integration::Rule,
     #[serde(default)]
     pub n_intervals: usize,
+    /// Rotate the last node layer (centred PCA, method.md 4 "Final node layer"); else it stays
+    /// in neuron coordinates and needs no Gram matrix.
     #[serde(default)]
     pub rotate_final_node_layer: bool,
     #[serde(default)]
@@ -116,6 +120,46 @@ fn default_tau() -> f64 {
 }
 fn default_batch() -> usize {
     512
+}
+
+impl LibConfig {
+    /// Rejects settings that would run but give empty or meaningless results, saying why (the
+    /// reference asserts on the first; the others it accepts and silently ignores or zeroes).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.tau.is_nan() || self.tau < 0.0 {
+            bail!("[lib] tau must be >= 0, got {}", self.tau);
+        }
+        let rule = self.integration_rule;
+        if self.basis_formula == BasisFormula::OneMinusAlphaSquared
+            && rule == integration::Rule::Gradient
+        {
+            bail!("[lib] basis_formula = \"(1-alpha)^2\" with integration_rule = \"gradient\": the formula's gradient vanishes at alpha = 1, the only point of that rule, so every basis would be empty; use \"gauss-legendre\" or \"trapezoidal\"");
+        }
+        if self.edge_formula == EdgeFormula::Functional && rule == integration::Rule::Gradient {
+            bail!("[lib] edge_formula = \"functional\" with integration_rule = \"gradient\": functional edges compare the module at alpha = 1 with itself, so every edge would be 0; use \"gauss-legendre\" or \"trapezoidal\"");
+        }
+        if self.basis_formula == BasisFormula::Neuron && self.center {
+            bail!("[lib] basis_formula = \"neuron\" with center = true: the neuron basis is C = I and never centres; set center = false");
+        }
+        let stochastic =
+            self.n_stochastic_sources_pos.is_some() || self.n_stochastic_sources_hidden.is_some();
+        if stochastic && matches!(self.basis_formula, BasisFormula::Svd | BasisFormula::Neuron) {
+            let name = if self.basis_formula == BasisFormula::Svd {
+                "svd"
+            } else {
+                "neuron"
+            };
+            bail!("[lib] n_stochastic_sources_pos / n_stochastic_sources_hidden with basis_formula = \"{name}\": the {name} basis has no Jacobian metric for sign sources to estimate; remove them");
+        }
+        Ok(())
+    }
+
+    /// Whether node layer `l` of `n_layers` gets a basis: all but an unrotated last layer,
+    /// which stays in neuron coordinates (method.md 4, "Final node layer") and so needs
+    /// neither a basis nor a Gram matrix (a `d_vocab^2` Gram at a language model's `output`).
+    pub fn rotates(&self, l: usize, n_layers: usize) -> bool {
+        l + 1 < n_layers || self.rotate_final_node_layer
+    }
 }
 
 /// Resolved node layer: its name and the index of the module it feeds.
@@ -162,15 +206,67 @@ pub fn resolve_node_layers(model: &Model, names: &[String]) -> anyhow::Result<Ve
     Ok(out)
 }
 
+/// Refuses a build whose largest dense matrices cannot fit in the memory available now
+/// (Linux's `MemAvailable`; no check elsewhere), naming the largest, before allocating them:
+/// - each `d x d` f64 Gram is held once per rayon worker while accumulating, plus the reduced
+///   sum and its symmetrised copy;
+/// - an unrotated last node layer is the identity projection `Q` of the layer before it (in
+///   the metric and the edges), materialised as a dense `d x d` matrix.
+pub fn check_build_memory(
+    model: &Model,
+    layers: &[NodeLayer],
+    grams: &[bool],
+) -> anyhow::Result<()> {
+    let copies = (rayon::current_num_threads() + 2) as f64;
+    let gb = |d: usize| (d as f64).powi(2) * 8.0 / 1e9;
+    // (what, node layer, features, GB)
+    let mut needs: Vec<(&str, &str, usize, f64)> = Vec::new();
+    for (l, (layer, &gram)) in layers.iter().zip(grams).enumerate() {
+        let d = model.node_features(layer.index);
+        if gram {
+            needs.push(("Gram matrix", layer.name.as_str(), d, gb(d) * copies));
+        } else if l > 0 {
+            needs.push(("identity projection Q", layer.name.as_str(), d, gb(d)));
+        }
+    }
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let total: f64 = needs.iter().map(|n| n.3).sum();
+    if total * 1e9 > available as f64 {
+        let (what, name, d, _) = needs
+            .iter()
+            .max_by(|a, b| a.3.total_cmp(&b.3))
+            .expect("a need");
+        let hint = if *what == "Gram matrix" {
+            "; with rotate_final_node_layer = false the last node layer needs no Gram"
+        } else {
+            "; end the node layers before it (e.g. at `unembed`) or rotate it"
+        };
+        bail!(
+            "the build needs about {total:.1} GB of dense matrices while {:.1} GB of memory is available; the largest is the {what} of node layer `{name}` with {d} features ({:.1} GB){hint}",
+            available as f64 / 1e9,
+            gb(*d)
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo`, bytes (`None` where there is no such file).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Builds the graph: statistics, bases from the last node layer backwards, then edges.
 pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Result<Graph> {
     let t0 = Instant::now();
     let layers = resolve_node_layers(model, &cfg.node_layers)?;
+    cfg.check()?;
     if data.is_empty() {
         bail!("the dataset is empty");
-    }
-    if cfg.tau.is_nan() || cfg.tau < 0.0 {
-        bail!("tau must be >= 0, got {}", cfg.tau);
     }
     let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
     let mut timings = Vec::new();
@@ -182,7 +278,11 @@ pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Resu
         Some(p) => p,
         None => data,
     };
-    let moments = pass::moments(model, data, &layers, cfg.batch_size)?;
+    let grams: Vec<bool> = (0..layers.len())
+        .map(|l| cfg.rotates(l, layers.len()))
+        .collect();
+    check_build_memory(model, &layers, &grams)?;
+    let moments = pass::moments(model, data, &layers, &grams, cfg.batch_size)?;
     timings.push(("statistics".to_string(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();

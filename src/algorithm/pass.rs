@@ -225,10 +225,13 @@ fn rows(acts: &Batch, range: Range<usize>) -> Batch {
 }
 
 /// Means and Gram matrices of all node layers in one pass (method.md section 3).
+/// Means of every node layer and Gram matrices of those with `grams[l]` (see
+/// [`crate::algorithm::LibConfig::rotates`]).
 pub fn moments(
     model: &Model,
     data: &dyn Dataset,
     layers: &[NodeLayer],
+    grams: &[bool],
     batch: usize,
 ) -> anyhow::Result<Vec<Moments>> {
     let first = node_activations(model, data, layers, 0..batch.min(data.len()));
@@ -246,7 +249,11 @@ pub fn moments(
         || {
             shifts
                 .iter()
-                .map(|s| Moments::new(s.clone()))
+                .zip(grams)
+                .map(|(s, &gram)| match gram {
+                    true => Moments::new(s.clone()),
+                    false => Moments::mean_only(s.clone()),
+                })
                 .collect::<Vec<_>>()
         },
         |acc, _, range| {

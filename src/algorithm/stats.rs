@@ -13,6 +13,7 @@ pub struct Moments {
     pub shift: Vec<f64>,
     pub rows: f64,
     pub sum: Vec<f64>,
+    /// Lower triangle of `sum (f - shift)^T (f - shift)`; `0 x 0` when only the mean is kept.
     pub outer: Mat<f64>,
 }
 
@@ -26,6 +27,23 @@ impl Moments {
             sum: vec![0.0; d],
             outer: Mat::zeros(d, d),
         }
+    }
+
+    /// Accumulates the mean only: for a node layer that keeps neuron coordinates, whose
+    /// `d x d` Gram matrix nothing reads (at a language model's `output`, `d = d_vocab`).
+    pub fn mean_only(shift: Vec<f64>) -> Self {
+        let d = shift.len();
+        Self {
+            shift,
+            rows: 0.0,
+            sum: vec![0.0; d],
+            outer: Mat::zeros(0, 0),
+        }
+    }
+
+    /// Whether the Gram matrix is accumulated.
+    pub fn has_gram(&self) -> bool {
+        self.outer.nrows() == self.shift.len()
     }
 
     /// The reference point for a layer: the mean of `rows` with the bias coordinate set to 0.
@@ -43,13 +61,19 @@ impl Moments {
 
     /// Adds rows `f` (one row per sample and position).
     pub fn add(&mut self, f: MatRef<'_, f64>) {
+        self.rows += f.nrows() as f64;
+        if !self.has_gram() {
+            for (j, s) in self.sum.iter_mut().enumerate() {
+                *s += f.col(j).iter().map(|v| v - self.shift[j]).sum::<f64>();
+            }
+            return;
+        }
         let g = Mat::from_fn(f.nrows(), f.ncols(), |i, j| f[(i, j)] - self.shift[j]);
         for j in 0..g.ncols() {
             self.sum[j] += g.col(j).iter().sum::<f64>();
         }
         // Lower triangle only; `gram` mirrors it.
         gram_add_lower(&mut self.outer, g.as_ref(), 1.0);
-        self.rows += f.nrows() as f64;
     }
 
     pub fn merge(mut self, other: Self) -> Self {
@@ -71,8 +95,11 @@ impl Moments {
     }
 
     /// `E[f^T f]`, or with `center` the Gram matrix of `f - mu~` where `mu~` is `mu` with its
-    /// bias coordinate set to 0 (the bias coordinate stays 1).
+    /// bias coordinate set to 0 (the bias coordinate stays 1). `0 x 0` for [`Moments::mean_only`].
     pub fn gram(&self, center: bool) -> Mat<f64> {
+        if !self.has_gram() {
+            return Mat::zeros(0, 0);
+        }
         let d = self.shift.len();
         let mut outer = self.outer.clone();
         fill_upper(&mut outer);

@@ -376,7 +376,10 @@ fn bases_and_formulas_run() {
             if formula == BasisFormula::Neuron && center {
                 continue;
             }
+            // Functional edges and (1-alpha)^2 vanish under the one-point gradient rule.
             cfg.edge_formula = EdgeFormula::Functional;
+            cfg.integration_rule = crate::algorithm::integration::Rule::Trapezoidal;
+            cfg.n_intervals = 2;
             let g = build(&w.into_model("m"), &data, &cfg).unwrap();
             let c = g.layers[0].c.as_ref().unwrap();
             let cp = g.layers[0].c_pinv.as_ref().unwrap();
@@ -524,4 +527,118 @@ fn prefix_cache_returns_the_model_activations() {
     assert!(prefix.cached(0, 0..2).is_none());
     // Nothing to keep: the only node layer is the raw input.
     assert!(pass::Prefix::new(&model, &data, &[0], 4, PREFIX_BYTES).is_none());
+}
+
+#[test]
+fn degenerate_settings_are_refused_with_the_reason() {
+    use crate::algorithm::integration::Rule;
+    let w = mlp(10, &[5, 6, 4, 3], Activation::Relu);
+    let model = w.into_model("m");
+    let data = inputs(11, 30, 5);
+    let base = config(
+        &["layers.0", "layers.1", "output"],
+        BasisFormula::Jacobian,
+        true,
+    );
+    let cases: Vec<(LibConfig, &str)> = vec![
+        (
+            LibConfig {
+                basis_formula: BasisFormula::OneMinusAlphaSquared,
+                ..base.clone()
+            },
+            "vanishes at alpha = 1",
+        ),
+        (
+            LibConfig {
+                edge_formula: EdgeFormula::Functional,
+                ..base.clone()
+            },
+            "every edge would be 0",
+        ),
+        (
+            LibConfig {
+                basis_formula: BasisFormula::Neuron,
+                ..base.clone()
+            },
+            "never centres",
+        ),
+        (
+            LibConfig {
+                basis_formula: BasisFormula::Svd,
+                n_stochastic_sources_hidden: Some(4),
+                ..base.clone()
+            },
+            "no Jacobian metric",
+        ),
+        (
+            LibConfig {
+                tau: f64::NAN,
+                ..base.clone()
+            },
+            "tau",
+        ),
+    ];
+    for (cfg, why) in cases {
+        let e = format!("{:#}", build(&model, &data, &cfg).unwrap_err());
+        assert!(e.contains(why), "expected `{why}` in: {e}");
+    }
+    // The same settings with a multi-point rule are fine.
+    let ok = LibConfig {
+        basis_formula: BasisFormula::OneMinusAlphaSquared,
+        edge_formula: EdgeFormula::Functional,
+        integration_rule: Rule::GaussLegendre,
+        n_intervals: 2,
+        ..base
+    };
+    let g = build(&model, &data, &ok).unwrap();
+    assert!(g.layers[0].d_lib() > 0);
+    assert!(g.edges[0].col_iter().any(|c| c.iter().any(|v| *v != 0.0)));
+}
+
+#[test]
+fn rotate_final_node_layer_applies_to_any_last_layer() {
+    let w = mlp(12, &[5, 6, 4, 3], Activation::Relu);
+    let model = w.into_model("m");
+    let data = inputs(13, 40, 5);
+    for last in ["layers.2", "output"] {
+        let mut cfg = config(
+            &["layers.0", "layers.1", last],
+            BasisFormula::Jacobian,
+            true,
+        );
+        let kept = build(&model, &data, &cfg).unwrap();
+        let b = &kept.layers[2];
+        // Neuron coordinates: no basis, and no Gram matrix accumulated.
+        assert!(b.c.is_none() && b.lambda.is_empty(), "{last}");
+        assert_eq!(b.gram.nrows(), 0, "{last}");
+        assert_eq!(
+            kept.edges[1].nrows(),
+            model.node_features(model.node_index(last).unwrap())
+        );
+        cfg.rotate_final_node_layer = true;
+        let rotated = build(&model, &data, &cfg).unwrap();
+        let b = &rotated.layers[2];
+        assert!(b.c.is_some() && !b.lambda.is_empty(), "{last}");
+        assert_eq!(b.gram.nrows(), b.d_orig);
+    }
+}
+
+#[test]
+fn matrices_that_cannot_fit_are_refused_before_they_are_allocated() {
+    // A 200k-way output: its Gram would be 320 GB per copy.
+    let w = mlp(14, &[5, 6, 200_000], Activation::Relu);
+    let model = w.into_model("m");
+    let data = inputs(15, 8, 5);
+    let mut cfg = config(&["layers.0", "output"], BasisFormula::Jacobian, true);
+    cfg.edge_formula = EdgeFormula::None;
+    cfg.rotate_final_node_layer = true;
+    let e = format!("{:#}", build(&model, &data, &cfg).unwrap_err());
+    assert!(e.contains("Gram matrix of node layer `output`"), "{e}");
+    // Unrotated, it needs no Gram, but it is still the dense identity Q of layers.0's metric.
+    cfg.rotate_final_node_layer = false;
+    let e = format!("{:#}", build(&model, &data, &cfg).unwrap_err());
+    assert!(
+        e.contains("identity projection Q of node layer `output`"),
+        "{e}"
+    );
 }

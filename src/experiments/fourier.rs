@@ -27,6 +27,111 @@ pub struct FourierLabel {
     pub dominant: Vec<(usize, usize, f64)>,
     /// A short label such as `a7`, `b7`, `a7b7` or `const`.
     pub label: String,
+    /// The reference's labels (see [`rib_terms`]): up to 7 `(term, fraction of power)`,
+    /// strongest first.
+    pub terms: Vec<(String, f64)>,
+}
+
+impl FourierLabel {
+    /// The reference's CSV cell: `99% cos(15x) + cos(15y)|1% const` (`x` = a, `y` = b).
+    pub fn rib_label(&self) -> String {
+        self.terms
+            .iter()
+            .map(|(t, v)| format!("{:.0}% {t}", v * 100.0))
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+}
+
+/// The reference's Fourier labels (rib's modular-arithmetic label script), from the power
+/// `P = |F(k_a, k_b)|^2` of a feature over the `p x p` pairs, `x` = a and `y` = b:
+/// - `const`: `P(0, 0)`;
+/// - per `k = 1..=p/2`: `cos(kx)` = `P(k, 0) + P(-k, 0)` and `cos(ky)` likewise, merged into
+///   `cos(kx) + cos(ky)` when the two differ by less than 0.01 of the total;
+/// - cross terms for `i, j = 1..=p/2`, in the convention that separates them best: either
+///   `cos(ix + jy)` = `2 P(i, j)` and `cos(ix - jy)` = `2 P(i, -j)`, or, with the magnitudes
+///   `A+ = |F(i, j)|`, `A- = |F(i, -j)|`, `cos(ix) * cos(jy)` = `(A+ + A-)^2` and
+///   `sin(ix) * sin(jy)` = `(A+ - A-)^2` (the reference's magnitude heuristic, kept as is); the
+///   first is chosen when `sum 2P(i,j) / sum 2P(i,-j) > sum (A+ + A-)^2 / sum (A+ - A-)^2`.
+///
+/// All as fractions of the total power (they sum to 1 for a real feature). Then sorted
+/// (stably, in the order above), kept until they hold more than 99.5% or one falls below 0.5%
+/// (that one included), at most 7. Needs odd `p`.
+pub fn rib_terms(power: &Mat<f64>) -> Vec<(String, f64)> {
+    let p = power.nrows();
+    let h = p / 2;
+    let total: f64 = power
+        .col_iter()
+        .map(|c| c.iter().sum::<f64>())
+        .sum::<f64>()
+        .max(1e-300);
+    let mut terms: Vec<(String, f64)> = vec![("const".into(), power[(0, 0)] / total)];
+    for k in 1..=h {
+        let x = (power[(k, 0)] + power[(p - k, 0)]) / total;
+        let y = (power[(0, k)] + power[(0, p - k)]) / total;
+        if (x - y).abs() < 0.01 {
+            terms.push((format!("cos({k}x) + cos({k}y)"), x + y));
+        } else {
+            terms.push((format!("cos({k}x)"), x));
+            terms.push((format!("cos({k}y)"), y));
+        }
+    }
+    let plus = |i: usize, j: usize| power[(i, j)];
+    let minus = |i: usize, j: usize| power[(i, p - j)];
+    let (mut s_plus, mut s_minus, mut s_cc, mut s_ss) = (0.0, 0.0, 0.0, 0.0);
+    for i in 1..=h {
+        for j in 1..=h {
+            let (a, b) = (plus(i, j).sqrt(), minus(i, j).sqrt());
+            s_plus += 2.0 * plus(i, j);
+            s_minus += 2.0 * minus(i, j);
+            s_cc += (a + b).powi(2);
+            s_ss += (a - b).powi(2);
+        }
+    }
+    // As the reference: a 0/0 ratio is NaN and loses the comparison.
+    let sum_convention = s_plus / s_minus > s_cc / s_ss;
+    for i in 1..=h {
+        for j in 1..=h {
+            if sum_convention {
+                terms.push((format!("cos({i}x + {j}y)"), 2.0 * plus(i, j) / total));
+                terms.push((format!("cos({i}x - {j}y)"), 2.0 * minus(i, j) / total));
+            } else {
+                let (a, b) = (plus(i, j).sqrt(), minus(i, j).sqrt());
+                terms.push((format!("cos({i}x) * cos({j}y)"), (a + b).powi(2) / total));
+                terms.push((format!("sin({i}x) * sin({j}y)"), (a - b).powi(2) / total));
+            }
+        }
+    }
+    // Stable: equal fractions keep the order above.
+    terms.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let sum: f64 = terms.iter().map(|t| t.1).sum();
+    let mut kept = Vec::new();
+    let mut acc = 0.0;
+    for (t, v) in terms {
+        acc += v;
+        let small = v / sum < 0.005;
+        kept.push((t, v));
+        if acc / sum > 0.995 || small {
+            break;
+        }
+    }
+    kept.truncate(7);
+    kept
+}
+
+/// The reference's label CSV: one row per node layer, one cell per feature
+/// ([`FourierLabel::rib_label`]); layers without labels (`output`) get `NAME_k` per feature.
+pub fn rib_csv(names: &[String], dims: &[usize], labels: &[Vec<FourierLabel>]) -> String {
+    let mut out = String::new();
+    for (l, name) in names.iter().enumerate() {
+        let row: Vec<String> = match labels.get(l).filter(|v| !v.is_empty()) {
+            Some(ls) => ls.iter().map(FourierLabel::rib_label).collect(),
+            None => (0..dims[l]).map(|k| format!("{name}_{k}")).collect(),
+        };
+        out += &row.join(",");
+        out.push('\n');
+    }
+    out
 }
 
 /// `cos` and `sin` of `2 pi t / p` for `t` in `0..p` (indexed by `k x mod p`).
@@ -205,6 +310,7 @@ pub fn label_from_power(power: &Mat<f64>) -> FourierLabel {
         cross,
         dominant,
         label,
+        terms: rib_terms(power),
     }
 }
 
@@ -290,6 +396,91 @@ pub fn label_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A grid `f(a, b)` at `p = 113`, labelled the reference's way.
+    fn rib_of(f: impl Fn(f64, f64) -> f64) -> Vec<(String, f64)> {
+        let p = 113;
+        let w = 2.0 * std::f64::consts::PI / p as f64;
+        let grid = Mat::from_fn(p, p, |a, b| f(w * a as f64, w * b as f64));
+        rib_terms(&power_spectrum(&grid))
+    }
+
+    fn names(terms: &[(String, f64)]) -> Vec<&str> {
+        terms.iter().map(|t| t.0.as_str()).collect()
+    }
+
+    #[test]
+    fn rib_labels_of_pure_terms() {
+        // The example: one label with all the power (ours splits it 50/50 into a, b).
+        let t = rib_of(|a, b| (15.0 * a).cos() + (15.0 * b).cos());
+        assert_eq!(names(&t), ["cos(15x) + cos(15y)"]);
+        assert!((t[0].1 - 1.0).abs() < 1e-12);
+        // A single plane wave: the sum convention; and a product of cosines: the product one.
+        let t = rib_of(|a, b| (3.0 * a + 5.0 * b).cos());
+        assert_eq!(names(&t), ["cos(3x + 5y)"]);
+        // The reference's convention test compares ratios of sums: a lone difference wave
+        // has plus/minus = 0 < coscos/sinsin = 1, so it reads as a product pair, which is the
+        // same function (cos(u - v) = cos u cos v + sin u sin v).
+        let t = rib_of(|a, b| (3.0 * a - 5.0 * b).cos());
+        assert_eq!(names(&t), ["cos(3x) * cos(5y)", "sin(3x) * sin(5y)"]);
+        assert!(t.iter().all(|x| (x.1 - 0.5).abs() < 1e-12), "{t:?}");
+        // Mostly sum waves: the sum convention names a difference wave too.
+        let t = rib_of(|a, b| (3.0 * a + 5.0 * b).cos() + 0.3 * (2.0 * a - b).cos());
+        assert_eq!(names(&t), ["cos(3x + 5y)", "cos(2x - 1y)"]);
+        let t = rib_of(|a, b| (3.0 * a).cos() * (5.0 * b).cos());
+        assert_eq!(names(&t), ["cos(3x) * cos(5y)"]);
+        // Unequal a and b powers stay apart, constant included, strongest first: powers
+        // 4 : 1 : 1 / 4 (cos^2 averages 1/2 and cos(4b) has half of 1's amplitude).
+        let t = rib_of(|a, b| 2.0 + 2.0 * (7.0 * a).cos() + (4.0 * b).sin() * 0.5f64.sqrt());
+        assert_eq!(names(&t), ["const", "cos(7x)", "cos(4y)"]);
+        let want = [4.0, 2.0, 0.25];
+        let sum: f64 = want.iter().sum();
+        for (got, w) in t.iter().zip(want) {
+            assert!((got.1 - w / sum).abs() < 1e-12, "{t:?}");
+        }
+        let l = FourierLabel {
+            terms: t,
+            ..label_from_power(&Mat::from_fn(3, 3, |i, j| (i + j) as f64))
+        };
+        assert_eq!(l.rib_label(), "64% const|32% cos(7x)|4% cos(4y)");
+    }
+
+    #[test]
+    fn rib_labels_stop_at_seven_and_at_small_terms() {
+        // Ten equal plane waves: each holds 10%; seven are kept.
+        let t = rib_of(|a, b| (1..=10).map(|k| (k as f64 * a + b).cos()).sum());
+        assert_eq!(t.len(), 7);
+        assert!(t.iter().all(|x| (x.1 - 0.1).abs() < 1e-12), "{t:?}");
+        // One strong term (98.9%) and three under 0.5% each: the largest small one is listed,
+        // then the list stops. Terms within 0.01 of each other in x and y merge, zeros too.
+        let t = rib_of(|a, b| {
+            (2.0 * a).cos()
+                + 0.065 * (9.0 * b).cos()
+                + 0.06 * (5.0 * b).cos()
+                + 0.055 * (6.0 * b).cos()
+        });
+        assert_eq!(names(&t), ["cos(2x)", "cos(9x) + cos(9y)"]);
+    }
+
+    #[test]
+    fn rib_csv_has_a_row_per_layer() {
+        let l = label_from_power(&Mat::from_fn(5, 5, |i, j| {
+            if (i, j) == (1, 0) {
+                1.0
+            } else {
+                0.0
+            }
+        }));
+        let csv = rib_csv(
+            &["ln1.0".into(), "output".into()],
+            &[2, 3],
+            &[vec![l.clone(), l], vec![]],
+        );
+        assert_eq!(
+            csv,
+            "100% cos(1x),100% cos(1x)\noutput_0,output_1,output_2\n"
+        );
+    }
 
     #[test]
     fn pure_frequencies_are_recognised() {

@@ -4,6 +4,7 @@
 pub mod ablate;
 pub mod bench;
 pub mod build;
+pub mod clustering;
 pub mod config;
 pub mod eval;
 pub mod figures;

@@ -11,12 +11,20 @@
 use super::figures::GraphView;
 use anyhow::{bail, ensure, Context};
 
-/// How squared edges `E >= 0` become graph weights `w >= 0`.
+/// How squared edges `E >= 0` become graph weights `w >= 0` (the reference's edge norms).
+/// Norms that divide by a matrix's sum or maximum take them over the whole matrix, constant
+/// feature included, as the reference does before it drops the constant's edges.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EdgeNorm {
+    /// `w = E`.
+    Identity,
     /// `w = sqrt(E)`: back to the scale of an attribution, so a few huge edges do not swamp
     /// the graph.
     Sqrt,
+    /// `w = E / sum |E|`, per edge matrix.
+    Abs,
+    /// `w = E / max E`, per edge matrix.
+    Max,
     /// `w = max(0, log10(E / eps_l))` with one `eps_l` per edge matrix (as the reference's
     /// by-layer log norm): edges below `eps_l` vanish, the rest count by orders of magnitude,
     /// which makes layers with very different edge scales comparable. `eps_l` is the smallest
@@ -74,8 +82,12 @@ pub struct Clusters {
     pub by_layer: Vec<Vec<Option<usize>>>,
     /// Number of communities.
     pub n_clusters: usize,
-    /// Newman modularity `Q` at resolution `gamma`, from [`modularity`].
+    /// Newman's modularity `Q` of the partition (resolution 1, whatever `gamma` found it: what
+    /// the reference's networkit reports), from [`modularity`].
     pub q: f64,
+    /// The objective Leiden maximised: the modularity at resolution `gamma` (equals `q` at
+    /// `gamma = 1`; a single module scores `1 - gamma`).
+    pub objective: f64,
     /// The resolution used.
     pub gamma: f64,
 }
@@ -131,8 +143,19 @@ pub fn feature_graph(view: &GraphView, norm: &EdgeNorm) -> anyhow::Result<Featur
                 (0..e.ncols()).filter_map(move |j| ins[j].map(|a| (a, b, e[(i, j)])))
             })
             .collect();
+        let scale = match norm {
+            EdgeNorm::Abs => e
+                .col_iter()
+                .map(|c| c.iter().map(|v| v.abs()).sum::<f64>())
+                .sum(),
+            EdgeNorm::Max => e
+                .col_iter()
+                .flat_map(|c| c.iter().copied())
+                .fold(0.0, f64::max),
+            _ => 1.0,
+        };
         let log_eps = match norm {
-            EdgeNorm::Sqrt => None,
+            EdgeNorm::Identity | EdgeNorm::Sqrt | EdgeNorm::Abs | EdgeNorm::Max => None,
             EdgeNorm::LogByLayer { mass } => {
                 ensure!(
                     *mass > 0.0 && *mass <= 1.0,
@@ -151,11 +174,14 @@ pub fn feature_graph(view: &GraphView, norm: &EdgeNorm) -> anyhow::Result<Featur
             }
         };
         for (a, b, v) in entries {
-            let w = match log_eps {
-                None => v.sqrt(),
+            let w = match (norm, log_eps) {
+                (EdgeNorm::Sqrt, _) => v.sqrt(),
+                // An all-zero matrix (scale 0) has no edges to keep.
+                (EdgeNorm::Identity | EdgeNorm::Abs | EdgeNorm::Max, _) if scale > 0.0 => v / scale,
+                (_, None) => 0.0,
                 // An all-zero matrix has no threshold; nothing survives.
-                Some(eps) if eps > 0.0 => (v / eps).log10().max(0.0),
-                Some(_) => 0.0,
+                (_, Some(eps)) if eps > 0.0 => (v / eps).log10().max(0.0),
+                (_, Some(_)) => 0.0,
             };
             if w > 0.0 {
                 edges.push((a, b, w));
@@ -276,12 +302,13 @@ fn renumber_by_size(raw: &[usize]) -> Vec<usize> {
 pub fn cluster_graph(view: &GraphView, opts: &ModularityOptions) -> anyhow::Result<Clusters> {
     let graph = feature_graph(view, &opts.norm)?;
     let (assignment, q_leiden) = leiden(&graph, opts.gamma, opts.seed)?;
-    let q = modularity(graph.nodes.len(), &graph.edges, &assignment, opts.gamma);
+    let objective = modularity(graph.nodes.len(), &graph.edges, &assignment, opts.gamma);
     // Both are the same formula; a gap means the partition or the graph was mistranslated.
     ensure!(
-        (q - q_leiden).abs() <= 1e-9 * q.abs().max(1.0),
-        "modularity {q} disagrees with Leiden's {q_leiden}"
+        (objective - q_leiden).abs() <= 1e-9 * objective.abs().max(1.0),
+        "modularity {objective} disagrees with Leiden's {q_leiden}"
     );
+    let q = modularity(graph.nodes.len(), &graph.edges, &assignment, 1.0);
     let mut by_layer: Vec<Vec<Option<usize>>> = view
         .layers
         .iter()
@@ -296,6 +323,7 @@ pub fn cluster_graph(view: &GraphView, opts: &ModularityOptions) -> anyhow::Resu
         assignment,
         by_layer,
         q,
+        objective,
         gamma: opts.gamma,
     })
 }
@@ -447,6 +475,45 @@ mod tests {
             assert_eq!(c.nodes.len(), 5);
             assert_eq!(c.n_clusters, 5);
             assert_eq!(c.q, 0.0);
+        }
+    }
+
+    #[test]
+    fn q_is_newmans_at_any_resolution() {
+        // One module: Newman's Q is 0 whatever the resolution; the resolution objective is
+        // 1 - gamma (by hand: W/m = 1, K/2m = 1).
+        let (g, _) = planted(3, 8, 0.9, 0.05, 4);
+        let one = vec![0; g.nodes.len()];
+        assert!(modularity(g.nodes.len(), &g.edges, &one, 1.0).abs() < 1e-12);
+        assert!((modularity(g.nodes.len(), &g.edges, &one, 0.5) - 0.5).abs() < 1e-12);
+        // A complete bipartite graph between two layers: at gamma 0.1 Leiden keeps one module.
+        let view = GraphView {
+            layers: vec![layer("a", 5, false), layer("b", 5, false)],
+            edges: vec![Mat::from_fn(5, 5, |_, _| 1.0)],
+        };
+        let opts = ModularityOptions {
+            gamma: 0.1,
+            ..Default::default()
+        };
+        let c = cluster_graph(&view, &opts).unwrap();
+        assert_eq!(c.n_clusters, 1);
+        assert!(c.q.abs() < 1e-12, "Q {}", c.q);
+        assert!(
+            (c.objective - 0.9).abs() < 1e-12,
+            "objective {}",
+            c.objective
+        );
+        // Planted modules: Leiden's quality is the objective at gamma, which differs from
+        // Newman's Q of the same partition.
+        for gamma in [0.5, 2.0] {
+            let (found, objective) = leiden(&g, gamma, 1).unwrap();
+            let newman = modularity(g.nodes.len(), &g.edges, &found, 1.0);
+            let at_gamma = modularity(g.nodes.len(), &g.edges, &found, gamma);
+            assert!((objective - at_gamma).abs() < 1e-9);
+            assert!(
+                (newman - at_gamma).abs() > 1e-3,
+                "gamma {gamma} should differ"
+            );
         }
     }
 

@@ -7,7 +7,7 @@ use super::ablate::{
 use super::build::build_config;
 use super::config::{limit, load_data, load_model, DataConfig, RunConfig};
 use super::figures::{self, Curve, GraphDrawOptions, GraphView, LayerView};
-use super::fourier::{label_layers, FourierLabel};
+use super::fourier::{label_layers, rib_csv, FourierLabel};
 use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
 use super::report::{write_report, Figure, Report, ReportSection, Table};
 use crate::algorithm::{BasisFormula, EdgeFormula, Graph};
@@ -62,6 +62,9 @@ pub fn run_pipeline(
         c.lib.basis_formula = formula;
         c.lib.center = center;
         c.lib.edge_formula = edges;
+        // PCA and neurons have no Jacobian metric for the basis's sign sources to estimate.
+        c.lib.n_stochastic_sources_pos = None;
+        c.lib.n_stochastic_sources_hidden = None;
         c
     };
     // Language models: held-out text scored by next-token cross-entropy on a few chunks (each
@@ -140,6 +143,20 @@ pub fn run_pipeline(
 
     let t = Instant::now();
     let fourier = fourier_labels(&lib_cfg, &model, &graphs[0])?;
+    // The reference's label CSV for LIB and PCA, to compare how interpretable each basis is.
+    if fourier.is_some() {
+        for ((name, _), g) in runs.iter().zip(&graphs).take(2) {
+            let labels = match *name {
+                "lib" => fourier.clone(),
+                _ => fourier_labels(&lib_cfg, &model, g)?,
+            };
+            write_rib_csv(
+                &out.join(name).join("fourier_labels.csv"),
+                g,
+                &labels.unwrap_or_default(),
+            )?;
+        }
+    }
     timings.push(("Fourier labels".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let html = out.join("report.html");
@@ -267,6 +284,13 @@ pub fn fewest_within(r: &AblationResult, layer: &str, delta: f64) -> Option<usiz
         .map(|i| c.n_kept[i])
 }
 
+/// Writes `g`'s labels as the reference's CSV (a row per node layer).
+fn write_rib_csv(path: &Path, g: &Graph, labels: &[Vec<FourierLabel>]) -> anyhow::Result<()> {
+    let names: Vec<String> = g.layers.iter().map(|b| b.name.clone()).collect();
+    let dims: Vec<usize> = g.layers.iter().map(|b| b.d_lib()).collect();
+    crate::io::write_atomic(path, rib_csv(&names, &dims, labels).as_bytes())
+}
+
 /// Fourier labels of every LIB feature when the data is modular arithmetic.
 pub fn fourier_labels(
     cfg: &RunConfig,
@@ -296,7 +320,8 @@ pub fn fourier_labels(
     ))
 }
 
-fn view(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> GraphView {
+/// The figures' and clustering's view of a graph: Lambda as importance, optional labels.
+pub(crate) fn graph_view(g: &Graph, labels: Option<&[Vec<FourierLabel>]>) -> GraphView {
     GraphView {
         layers: g
             .layers
@@ -335,7 +360,7 @@ pub fn write_full_report(
     std::fs::create_dir_all(fig_dir)
         .with_context(|| format!("cannot create {}", fig_dir.display()))?;
     let (lib_name, lib) = graphs[0];
-    let lib_view = view(lib, fourier);
+    let lib_view = graph_view(lib, fourier);
     let clusters = cluster_graph(
         &lib_view,
         &ModularityOptions {

@@ -15,7 +15,9 @@ use crate::algorithm::basis::{is_ln_out, jacobian_metric, metric_path, pca};
 use crate::algorithm::edges::{edge_path, edges};
 use crate::algorithm::pass::Prefix;
 use crate::algorithm::PREFIX_BYTES;
-use crate::algorithm::{integration, pass, resolve_node_layers, BasisFormula, EdgeFormula};
+use crate::algorithm::{
+    check_build_memory, integration, pass, resolve_node_layers, BasisFormula, EdgeFormula,
+};
 use crate::algorithm::{LibConfig, NodeBasis};
 use crate::data::{Dataset, First};
 use crate::models::{Model, OUTPUT};
@@ -129,8 +131,14 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
 
 pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::Result<Plan> {
     let layers = resolve_node_layers(model, &cfg.node_layers)?;
+    cfg.check()?;
     let n = data.len();
     anyhow::ensure!(n > 0, "the dataset is empty");
+    let grams: Vec<bool> = (0..layers.len())
+        .map(|l| cfg.rotates(l, layers.len()))
+        .collect();
+    // The pilot accumulates the same Grams as the build: refuse before allocating them.
+    check_build_memory(model, &layers, &grams)?;
     let n_pilot = pilot_size(n);
     let data: Arc<dyn Dataset> = data.into();
     let (small, large) = (
@@ -172,7 +180,7 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     let n_pilot = pilot.len();
 
     let (moments, f, t) =
-        pilots.extrapolate(|d| pass::moments(model, d, &layers, cfg.batch_size))?;
+        pilots.extrapolate(|d| pass::moments(model, d, &layers, &grams, cfg.batch_size))?;
     steps.push(Step {
         name: "statistics".into(),
         path: "forward pass, means and Gram matrices".into(),
@@ -188,7 +196,9 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     for (l, layer) in layers.iter().enumerate() {
         let pos = crate::algorithm::basis::data_positions(model, pilot, layer.index);
         let full = dims[l].min(n * pos);
-        let k = if n_pilot * pos >= 2 * dims[l] {
+        let k = if !grams[l] {
+            full
+        } else if n_pilot * pos >= 2 * dims[l] {
             let center = cfg.center && layer.name != OUTPUT;
             let ln_var = cfg.isolate_ln_var && is_ln_out(&layer.name);
             pca(&moments[l].gram(center), center, ln_var, cfg.tau)?
@@ -217,7 +227,7 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     let mut bases = 0;
     for l in (0..layers.len()).rev() {
         let name = &layers[l].name;
-        if l == last && name == OUTPUT && !cfg.rotate_final_node_layer {
+        if !cfg.rotates(l, layers.len()) {
             continue;
         }
         // PCA of the Gram matrix; LIB bases add the metric and a second eigendecomposition.
