@@ -8,7 +8,21 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `true` if every path exists; otherwise prints why the test is skipped.
+/// Tests that read fetched data or the reference models (absent from a fresh clone) are
+/// `#[ignore = "needs ..."]`, so `cargo test` lists them as ignored with the reason; `cargo test
+/// -- --ignored --skip timing_` runs them (CI does, after fetching). Each calls [`require`]:
+/// panics, naming what is missing and how to get it, unless every path exists: for tests that
+/// are `#[ignore]`d for their data, so that asking for them without it fails instead of passing.
+pub fn require(paths: &[&str]) {
+    for p in paths {
+        assert!(
+            root().join(p).exists(),
+            "{p} is absent: reference models live in ../shared/reference; data/ comes from scripts/fetch-data.sh mnist|fashion-mnist|text|smollm2"
+        );
+    }
+}
+
+/// `true` if every path exists; otherwise prints why this part of a test is skipped.
 pub fn have(paths: &[&str], test: &str) -> bool {
     for p in paths {
         if !root().join(p).exists() {

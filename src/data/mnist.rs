@@ -313,13 +313,11 @@ mod tests {
     /// The real data, when `scripts/fetch-data.sh` has fetched it.
     fn real(dir: &str, first_train: usize, first_test: usize) {
         let dir = Path::new(dir);
-        if !dir.is_dir() {
-            eprintln!(
-                "skipping: {} not found (run scripts/fetch-data.sh)",
-                dir.display()
-            );
-            return;
-        }
+        assert!(
+            dir.is_dir(),
+            "{} not found: run scripts/fetch-data.sh mnist (or fashion-mnist)",
+            dir.display()
+        );
         for (train, n, first) in [(true, 60000, first_train), (false, 10000, first_test)] {
             let d = Mnist::load(dir, train).unwrap();
             assert_eq!(d.len(), n);
@@ -343,11 +341,13 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs data/mnist: scripts/fetch-data.sh mnist"]
     fn real_mnist() {
         real("data/mnist", 5, 7);
     }
 
     #[test]
+    #[ignore = "needs data/fashion-mnist: scripts/fetch-data.sh fashion-mnist"]
     fn real_fashion_mnist() {
         real("data/fashion-mnist", 9, 9);
     }

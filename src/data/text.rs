@@ -595,15 +595,14 @@ mod tests {
 
     /// The State of the Union corpus (`scripts/fetch-data.sh text`) with GPT-2's tokenizer.
     #[test]
+    #[ignore = "needs data/text: scripts/fetch-data.sh text"]
     fn sotu_with_gpt2() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/text/sotu");
-        if !dir.is_dir() {
-            println!(
-                "skipped: {} not found (run scripts/fetch-data.sh text)",
-                dir.display()
-            );
-            return;
-        }
+        assert!(
+            dir.is_dir(),
+            "{} not found: run scripts/fetch-data.sh text",
+            dir.display()
+        );
         let mut o = opts(128);
         o.n_samples = Some(64);
         o.sample = SampleMode::Random;

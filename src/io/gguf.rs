@@ -1936,12 +1936,13 @@ mod tests {
     const SMOLLM2: &str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
     #[test]
+    #[ignore = "needs data/smollm2: scripts/fetch-data.sh smollm2"]
     fn smollm2_gguf_parses_and_dequantises() {
         let path = Path::new(SMOLLM2);
-        if !path.exists() {
-            eprintln!("skipped: {SMOLLM2} not found (see data/README or scripts to fetch it)");
-            return;
-        }
+        assert!(
+            path.exists(),
+            "{SMOLLM2} not found: run scripts/fetch-data.sh smollm2"
+        );
         let g = read_gguf(path).unwrap();
         assert_eq!(g.version, 3);
         assert_eq!(g.tensors.len(), 272);
