@@ -1,5 +1,5 @@
 //! Streaming passes over a dataset: batches in parallel (rayon), each running the model up to
-//! the node layers it needs, folding into per-thread accumulators that are merged at the end.
+//! the node layers it needs, folding into accumulators merged in batch order ([`fold`]).
 //! Memory depends on the batch size, never on the dataset size.
 
 use super::stats::Moments;
@@ -34,7 +34,14 @@ pub fn chunks(n: usize, batch: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Folds `step(acc, chunk_index, samples)` over all batches in parallel and merges.
+/// Folds `step(acc, chunk_index, samples)` over all batches in parallel and merges, in an order
+/// that does not depend on scheduling: batches run in waves of one per thread, each batch into
+/// its own accumulator, and the accumulators are merged into the total in batch order. So a
+/// build gives the same bits run to run and on any number of threads (rayon's work-stealing
+/// `fold` / `reduce` groups the batches differently each run, moving results by rounding: 1e-8
+/// relative at modular addition's `ln1.0`). A wave holds one accumulator per thread, as the
+/// work-stealing fold did; merging per batch costs one accumulator addition per batch, small
+/// against the batch's own products.
 pub fn fold<A, I, S, M>(
     data: &dyn Dataset,
     batch: usize,
@@ -49,19 +56,30 @@ where
     S: Fn(&mut A, usize, Range<usize>) + Sync + Send,
     M: Fn(A, A) -> A + Sync + Send,
 {
-    let ranges = chunks(data.len(), batch);
+    let ranges: Vec<(usize, Range<usize>)> =
+        chunks(data.len(), batch).into_iter().enumerate().collect();
     let pb = progress(ranges.len() as u64, label);
-    let out = ranges
-        .into_par_iter()
-        .enumerate()
-        .fold(&init, |mut acc, (c, range)| {
-            step(&mut acc, c, range);
-            pb.inc(1);
-            acc
-        })
-        .reduce(&init, &merge);
+    let wave = rayon::current_num_threads().max(1);
+    let mut total: Option<A> = None;
+    for group in ranges.chunks(wave) {
+        let parts: Vec<A> = group
+            .par_iter()
+            .map(|(c, range)| {
+                let mut acc = init();
+                step(&mut acc, *c, range.clone());
+                pb.inc(1);
+                acc
+            })
+            .collect();
+        for part in parts {
+            total = Some(match total {
+                None => part,
+                Some(t) => merge(t, part),
+            });
+        }
+    }
     pb.finish_and_clear();
-    out
+    total.unwrap_or_else(init)
 }
 
 /// Activations at every node layer for samples `range`, from one forward pass (or the

@@ -642,3 +642,40 @@ fn matrices_that_cannot_fit_are_refused_before_they_are_allocated() {
         "{e}"
     );
 }
+
+#[test]
+fn builds_are_bitwise_equal_on_any_number_of_threads() {
+    let w = mlp(16, &[5, 9, 7, 4], Activation::Relu);
+    let model = w.into_model("m");
+    let data = inputs(17, 61, 5);
+    let cfg = config(
+        &["layers.0", "layers.1", "layers.2", "output"],
+        BasisFormula::Jacobian,
+        true,
+    );
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| build(&model, &data, &cfg).unwrap())
+    };
+    let bits = |g: &crate::algorithm::Graph| -> Vec<u64> {
+        let mut v: Vec<u64> = g
+            .layers
+            .iter()
+            .flat_map(|b| b.lambda.iter().map(|x| x.to_bits()))
+            .collect();
+        for e in &g.edges {
+            v.extend(
+                e.col_iter()
+                    .flat_map(|c| c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            );
+        }
+        v
+    };
+    let one = bits(&on(1));
+    for threads in [2, 3, 5] {
+        assert_eq!(bits(&on(threads)), one, "{threads} threads");
+    }
+}
