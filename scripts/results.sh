@@ -13,6 +13,10 @@ if [ "${1:-}" != "--tables" ]; then
             --model "../shared/reference/modadd/seed$s/model_epoch_60000.pt" --out "out/results/seed$s"
     done
     ./target/release/ibasis run configs/mnist-lib.toml --out out/results/mnist
+    # The paper's modularity recipe on seed 0 (docs/results.md).
+    ./target/release/ibasis modularity --graph out/results/seed0/lib \
+        --norm log-bisect:out/results/seed0/lib/ablation-edges/ablation.json \
+        --gamma 0.1,0.5,1,2 --nodes-per-layer 30 --seed 3
 fi
 python3 - <<'PY'
 import json, os

@@ -99,7 +99,7 @@ enum Command {
         /// Resolutions, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1")]
         gamma: Vec<f64>,
-        /// Find the resolution giving this many modules instead of sweeping.
+        /// Find the resolution giving this many modules of 2+ features instead of sweeping.
         #[arg(long)]
         target_n_clusters: Option<usize>,
         /// Use only the first N features of each node layer (by Lambda, constant included).

@@ -57,7 +57,7 @@ pub struct ClusteringRequest {
     pub norm: NormSpec,
     /// Resolutions to sweep (ignored with `target_n_clusters`).
     pub gammas: Vec<f64>,
-    /// Find the resolution that gives this many modules instead.
+    /// Find the resolution that gives this many modules of two or more features instead.
     pub target_n_clusters: Option<usize>,
     /// Keep only the first `n` features (by Lambda, the constant included) of each node layer.
     pub nodes_per_layer: Option<usize>,
@@ -188,9 +188,11 @@ pub fn first_features(view: &GraphView, n: usize) -> anyhow::Result<GraphView> {
     Ok(out)
 }
 
-/// The resolution at which Leiden finds `k` modules: bisection on `log gamma` over
-/// `[1e-4, 1e4]` (the module count grows with gamma, though not strictly), at most 60 tries;
-/// errors with the nearest counts seen when no resolution gives exactly `k`.
+/// The resolution at which Leiden finds `k` modules of two or more features (features left
+/// without edges by the norm stay singletons at every resolution, so they are not counted).
+/// The count rises with gamma and falls again once modules break into singletons, so: a scan
+/// of 61 resolutions `10^(-3 + i / 10)`, and where the count steps over `k` between two of
+/// them, bisection on `log gamma` (30 tries); errors with the counts seen when none gives `k`.
 fn gamma_for_modules(
     view: &GraphView,
     k: usize,
@@ -202,23 +204,41 @@ fn gamma_for_modules(
         .map(|l| l.importance.len() - usize::from(l.has_constant))
         .sum();
     ensure!(
-        k >= 1 && k <= nodes,
-        "target_n_clusters {k} outside 1..={nodes} (the graph's non-constant features)"
+        k >= 1 && 2 * k <= nodes,
+        "target_n_clusters {k} outside 1..={} (modules of 2+ of the graph's {nodes} non-constant features)",
+        nodes / 2
     );
-    let (mut lo, mut hi) = (1e-4_f64.ln(), 1e4_f64.ln());
-    let mut seen = Vec::new();
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        let c = cluster(mid.exp())?;
-        seen.push((c.gamma, c.n_clusters));
-        match c.n_clusters.cmp(&k) {
-            std::cmp::Ordering::Equal => return Ok(c),
-            std::cmp::Ordering::Less => lo = mid,
-            std::cmp::Ordering::Greater => hi = mid,
+    let multi = |c: &Clusters| c.sizes().iter().filter(|&&s| s > 1).count();
+    let mut seen: Vec<(f64, usize)> = Vec::new();
+    let mut prev: Option<(f64, usize)> = None;
+    for i in 0..=60 {
+        let log_g = (-3.0 + i as f64 / 10.0) * std::f64::consts::LN_10;
+        let c = cluster(log_g.exp())?;
+        let m = multi(&c);
+        seen.push((c.gamma, m));
+        if m == k {
+            return Ok(c);
         }
+        let bracket = prev.filter(|&(_, m_lo)| m_lo < k && k < m);
+        if let Some((mut lo, _)) = bracket {
+            let mut hi = log_g;
+            for _ in 0..30 {
+                let mid = 0.5 * (lo + hi);
+                let c = cluster(mid.exp())?;
+                let m = multi(&c);
+                seen.push((c.gamma, m));
+                match m.cmp(&k) {
+                    std::cmp::Ordering::Equal => return Ok(c),
+                    std::cmp::Ordering::Less => lo = mid,
+                    std::cmp::Ordering::Greater => hi = mid,
+                }
+            }
+        }
+        prev = Some((log_g, m));
     }
     seen.sort_by(|a, b| a.0.total_cmp(&b.0));
-    bail!("no resolution gave {k} modules; (gamma, modules) tried: {seen:?}")
+    seen.dedup_by_key(|t| t.1);
+    bail!("no resolution gave {k} modules of 2+ features; (gamma, modules) where the count changed: {seen:?}")
 }
 
 /// The sweep as a Markdown table.
