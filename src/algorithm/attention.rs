@@ -277,7 +277,7 @@ impl AttentionSection<'_> {
         let per_sample = |pos: usize, np: usize| {
             nb * (dh + width) * np * pos + (q.ncols() + dv) * heads * np * pos + pre.ncols() * pos
         };
-        let pos = super::basis::data_positions(model, data, from);
+        let pos = super::pass::data_positions(model, data, from);
         let batch = Self::batch(batch, per_sample(pos, points.len()));
         // S (nm x nm); rows (b, dh) of [A_.b^T | C_b.] (`nb dh x width`).
         type Acc = (Mat<f64>, Mat<f64>, f64);
@@ -461,10 +461,7 @@ impl AttentionSection<'_> {
         let pk = |h: usize| pre_qkv.subcols(offsets(h).1, dh);
         let pq = |h: usize| pre_qkv.subcols(offsets(h).0, dh);
         let pre = &self.pre;
-        let (pos, np) = (
-            super::basis::data_positions(model, data, from),
-            points.len(),
-        );
+        let (pos, np) = (super::pass::data_positions(model, data, from), points.len());
         let per_sample =
             (2 * n_in + n_out + self.attn.dv()) * heads * np * pos + (n_in + pre.ncols()) * pos;
         let batch = Self::batch(batch, per_sample);

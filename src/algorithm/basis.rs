@@ -8,7 +8,7 @@
 //! truncate again (4.8) and scale each direction by `sqrt(Lambda)` (4.9).
 
 use super::attention::attention_section;
-use super::pass::{activations_at, fold};
+use super::pass::{activations_at, data_positions, fold};
 use super::section::{classify, Shape};
 use super::stats::Moments;
 use super::{BasisFormula, LibConfig, NodeBasis, NodeLayer};
@@ -222,11 +222,6 @@ pub fn node_basis(
 /// Node layers whose coordinate 0 is the layer-norm variance channel.
 pub fn is_ln_out(name: &str) -> bool {
     name.starts_with("ln1_out.") || name.starts_with("ln2_out.") || name == "ln_final_out"
-}
-
-/// Positions per sample at module `index`'s input.
-pub fn data_positions(model: &Model, data: &dyn Dataset, index: usize) -> usize {
-    activations_at(model, data, index, 0..1).pos
 }
 
 /// `M'` (and, for the legacy formulas, `Lambda' = E[g^T f]`), in original coordinates.

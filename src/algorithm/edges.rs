@@ -6,7 +6,7 @@
 //! batched JVP per input feature gives every output feature and position at once.
 
 use super::attention::attention_section;
-use super::basis::data_positions;
+use super::pass::data_positions;
 use super::pass::{activations_at, fold};
 use super::section::{classify, PartialAct, Shape};
 use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};

@@ -82,6 +82,11 @@ where
     total.unwrap_or_else(init)
 }
 
+/// Positions per sample at module `index`'s input.
+pub fn data_positions(model: &Model, data: &dyn Dataset, index: usize) -> usize {
+    activations_at(model, data, index, 0..1).pos
+}
+
 /// Activations at every node layer for samples `range`, from one forward pass (or the
 /// dataset's cache).
 pub fn node_activations(

@@ -5,9 +5,9 @@
 //! per resolution.
 
 use super::ablate::AblationResult;
-use super::figures::GraphView;
 use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
 use super::pipeline::graph_view;
+use super::view::GraphView;
 use crate::algorithm::Graph;
 use anyhow::{bail, ensure, Context};
 use faer::Mat;
@@ -259,7 +259,7 @@ pub fn sweep_table(rows: &[SweepRow]) -> String {
 mod tests {
     use super::*;
     use crate::algorithm::NodeBasis;
-    use crate::experiments::figures::LayerView;
+    use crate::experiments::view::LayerView;
 
     fn layer(name: &str, d: usize) -> LayerView {
         LayerView {

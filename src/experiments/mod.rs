@@ -14,3 +14,4 @@ pub mod pipeline;
 pub mod plan;
 pub mod report;
 pub mod train;
+pub mod view;

@@ -8,7 +8,7 @@
 //! planted partitions (see the tests). `Q` is recomputed by [`modularity`], written
 //! independently of the crate, and the two are checked against each other.
 
-use super::figures::GraphView;
+use super::view::GraphView;
 use anyhow::{bail, ensure, Context};
 
 /// How squared edges `E >= 0` become graph weights `w >= 0` (the reference's edge norms).
@@ -331,7 +331,7 @@ pub fn cluster_graph(view: &GraphView, opts: &ModularityOptions) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiments::figures::LayerView;
+    use crate::experiments::view::LayerView;
     use faer::Mat;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

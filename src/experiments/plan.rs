@@ -194,7 +194,7 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
     let dims: Vec<usize> = moments.iter().map(|m| m.mean().len()).collect();
     let mut kept = Vec::with_capacity(layers.len());
     for (l, layer) in layers.iter().enumerate() {
-        let pos = crate::algorithm::basis::data_positions(model, pilot, layer.index);
+        let pos = crate::algorithm::pass::data_positions(model, pilot, layer.index);
         let full = dims[l].min(n * pos);
         let k = if !grams[l] {
             full
