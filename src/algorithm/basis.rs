@@ -7,9 +7,9 @@
 //! this one (`M'`, 4.6), rotate into `M`'s eigenbasis with the masked directions fixed (4.7),
 //! truncate again (4.8) and scale each direction by `sqrt(Lambda)` (4.9).
 
-use super::attention::attention_section;
+use super::attention::{attention_section, AttentionSection};
 use super::pass::{activations_at, data_positions, fold};
-use super::section::{classify, Shape};
+use super::section::{classify, PartialAct, Shape};
 use super::stats::Moments;
 use super::{BasisFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
@@ -246,56 +246,88 @@ pub fn jacobian_metric(
     formula: BasisFormula,
 ) -> anyhow::Result<Metric> {
     let (from, to) = (layers[l].index, layers[l + 1].index);
+    let label = format!("metric {}", layers[l].name);
+    let m = match metric_method(model, cfg, from, to, formula) {
+        MetricMethod::Attention(att) => {
+            att.metric(model, data, from, q, points, cfg.batch_size, &label)
+        }
+        MetricMethod::Linear(w) => {
+            // g = W Q at every position: M' = W Q Q^T W^T (the weights sum to 1).
+            let wq = mm(w.as_ref(), q.as_ref());
+            mm(wq.as_ref(), wq.transpose())
+        }
+        MetricMethod::Dense { w1, act, w2 } => {
+            // M' = W1 ((Q' Q'^T) o E[dbar dbar^T]) W1^T with Q' = W2 Q and
+            // dbar = sum_p w_p act'(a_p f W1).
+            let k = w1.ncols();
+            let mut dd = fold(
+                data,
+                cfg.batch_size,
+                &label,
+                || (Mat::<f64>::zeros(k, k), 0.0f64),
+                |acc, _, range| {
+                    let f = activations_at(model, data, from, range);
+                    let z = mm(f.data.as_ref(), w1.as_ref());
+                    let dbar = act.integrated_derivative(&z, points);
+                    gram_add_lower(&mut acc.0, dbar.as_ref(), 1.0);
+                    acc.1 += f.rows() as f64;
+                },
+                |a, b| (a.0 + b.0, a.1 + b.1),
+            );
+            let qp = mm(w2.as_ref(), q.as_ref());
+            let qq = mm(qp.as_ref(), qp.transpose());
+            fill_upper(&mut dd.0);
+            let inner = Mat::from_fn(k, k, |i, j| qq[(i, j)] * dd.0[(i, j)] / dd.1);
+            mm(mm(w1.as_ref(), inner.as_ref()).as_ref(), w1.transpose())
+        }
+        MetricMethod::Vjp => return vjp_metric(model, data, cfg, layers, l, q, points, formula),
+    };
+    Ok(Metric {
+        m,
+        lambda_prime: None,
+    })
+}
+
+/// How `M'` of the section `from -> to` is computed (method.md sections 4.6 and 11): the one
+/// recogniser behind [`jacobian_metric`] and `ibasis plan`'s [`metric_path`].
+pub(crate) enum MetricMethod<'a> {
+    /// Closed form of a single-query attention section.
+    Attention(AttentionSection<'a>),
+    /// `x W`: `M' = W Q Q^T W^T`, no data.
+    Linear(Mat<f64>),
+    /// `act(x W1) W2`: from `E[d d^T]` of the hidden units.
+    Dense {
+        w1: Mat<f64>,
+        act: PartialAct,
+        w2: Mat<f64>,
+    },
+    /// The general path: batched VJPs, one cotangent per output direction or sign vector.
+    Vjp,
+}
+
+/// Recognises the section `from -> to` for basis formula `formula` (the closed forms hold for
+/// the exact `jacobian` formula; sign sources and the legacy formulas take the VJPs).
+pub(crate) fn metric_method<'a>(
+    model: &'a Model,
+    cfg: &LibConfig,
+    from: usize,
+    to: usize,
+    formula: BasisFormula,
+) -> MetricMethod<'a> {
     let stochastic =
         cfg.n_stochastic_sources_pos.is_some() || cfg.n_stochastic_sources_hidden.is_some();
-    if formula == BasisFormula::Jacobian && !stochastic {
-        if let Some(att) = attention_section(&model.modules[from..to]) {
-            let label = format!("metric {}", layers[l].name);
-            return Ok(Metric {
-                m: att.metric(model, data, from, q, points, cfg.batch_size, &label),
-                lambda_prime: None,
-            });
-        }
-        match classify(&model.modules[from..to]) {
-            Shape::Linear(w) => {
-                // g = W Q at every position: M' = W Q Q^T W^T (the weights sum to 1).
-                let wq = mm(w.as_ref(), q.as_ref());
-                return Ok(Metric {
-                    m: mm(wq.as_ref(), wq.transpose()),
-                    lambda_prime: None,
-                });
-            }
-            Shape::Dense { w1, act, w2 } => {
-                // M' = W1 ((Q' Q'^T) o E[dbar dbar^T]) W1^T with Q' = W2 Q and
-                // dbar = sum_p w_p act'(a_p f W1).
-                let k = w1.ncols();
-                let mut dd = fold(
-                    data,
-                    cfg.batch_size,
-                    &format!("metric {}", layers[l].name),
-                    || (Mat::<f64>::zeros(k, k), 0.0f64),
-                    |acc, _, range| {
-                        let f = activations_at(model, data, from, range);
-                        let z = mm(f.data.as_ref(), w1.as_ref());
-                        let dbar = act.integrated_derivative(&z, points);
-                        gram_add_lower(&mut acc.0, dbar.as_ref(), 1.0);
-                        acc.1 += f.rows() as f64;
-                    },
-                    |a, b| (a.0 + b.0, a.1 + b.1),
-                );
-                let qp = mm(w2.as_ref(), q.as_ref());
-                let qq = mm(qp.as_ref(), qp.transpose());
-                fill_upper(&mut dd.0);
-                let inner = Mat::from_fn(k, k, |i, j| qq[(i, j)] * dd.0[(i, j)] / dd.1);
-                return Ok(Metric {
-                    m: mm(mm(w1.as_ref(), inner.as_ref()).as_ref(), w1.transpose()),
-                    lambda_prime: None,
-                });
-            }
-            Shape::General => {}
-        }
+    if formula != BasisFormula::Jacobian || stochastic {
+        return MetricMethod::Vjp;
     }
-    vjp_metric(model, data, cfg, layers, l, q, points, formula)
+    let modules = &model.modules[from..to];
+    if let Some(att) = attention_section(modules) {
+        return MetricMethod::Attention(att);
+    }
+    match classify(modules) {
+        Shape::Linear(w) => MetricMethod::Linear(w),
+        Shape::Dense { w1, act, w2 } => MetricMethod::Dense { w1, act, w2 },
+        Shape::General => MetricMethod::Vjp,
+    }
 }
 
 /// How [`jacobian_metric`] computes `M'` for `layers[l]` when the next layer keeps `n_lib`
@@ -309,23 +341,18 @@ pub fn metric_path(
     n_lib: usize,
 ) -> String {
     let (from, to) = (layers[l].index, layers[l + 1].index);
-    let stochastic =
-        cfg.n_stochastic_sources_pos.is_some() || cfg.n_stochastic_sources_hidden.is_some();
-    if cfg.basis_formula == BasisFormula::Jacobian && !stochastic {
-        if attention_section(&model.modules[from..to]).is_some() {
-            return "closed form, single-query attention".into();
-        }
-        match classify(&model.modules[from..to]) {
-            Shape::Linear(_) => return "closed form, linear section (no data)".into(),
-            Shape::Dense { .. } => return "closed form, E[d d^T] of act(x W1) W2".into(),
-            Shape::General => {}
+    match metric_method(model, cfg, from, to, cfg.basis_formula) {
+        MetricMethod::Attention(_) => "closed form, single-query attention".into(),
+        MetricMethod::Linear(_) => "closed form, linear section (no data)".into(),
+        MetricMethod::Dense { .. } => "closed form, E[d d^T] of act(x W1) W2".into(),
+        MetricMethod::Vjp => {
+            let pos_out = model
+                .section(from, to)
+                .out_pos(data_positions(model, data, from));
+            let r = cotangents_per_sample(cfg, cfg.basis_formula, pos_out, n_lib);
+            format!("VJP, {r} cotangents per sample")
         }
     }
-    let pos_out = model
-        .section(from, to)
-        .out_pos(data_positions(model, data, from));
-    let r = cotangents_per_sample(cfg, cfg.basis_formula, pos_out, n_lib);
-    format!("VJP, {r} cotangents per sample")
 }
 
 /// Cotangents per sample of [`vjp_metric`]: one per output direction `(t, i)`, or per sign

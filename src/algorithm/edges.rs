@@ -5,7 +5,7 @@
 //! The bracket is a Jacobian-vector product with tangent `fhat_{., j} e_j` (section 11): one
 //! batched JVP per input feature gives every output feature and position at once.
 
-use super::attention::attention_section;
+use super::attention::{attention_section, AttentionSection};
 use super::pass::data_positions;
 use super::pass::{activations_at, fold};
 use super::section::{classify, PartialAct, Shape};
@@ -48,98 +48,96 @@ pub fn edges(
         .c
         .clone()
         .unwrap_or_else(|| Mat::identity(basis_out.d_orig, basis_out.d_orig));
-    if cfg.edge_formula == EdgeFormula::Squared {
-        if let Some(att) = attention_section(&model.modules[from..to]) {
-            let label = format!("edges from {}", layers[l].name);
-            return Ok(att.edges(
-                model,
-                data,
-                from,
-                &c,
-                &c_pinv,
-                &q,
-                points,
-                cfg.batch_size,
-                &label,
-            ));
+    let label = format!("edges from {}", layers[l].name);
+    let name = &layers[l].name;
+    Ok(match edge_method(model, cfg, from, to, q.ncols()) {
+        EdgeMethod::Attention(att) => att.edges(
+            model,
+            data,
+            from,
+            &c,
+            &c_pinv,
+            &q,
+            points,
+            cfg.batch_size,
+            &label,
+        ),
+        EdgeMethod::Norm(norm) => {
+            norm_edges(model, data, cfg, from, &c, &c_pinv, &q, norm, points, name)
         }
-        if let Some(norm) = norm_section(&model.modules[from..to]) {
-            return Ok(norm_edges(
-                model,
-                data,
-                cfg,
-                from,
-                &c,
-                &c_pinv,
-                &q,
-                norm,
-                points,
-                &layers[l].name,
-            ));
+        EdgeMethod::Linear(w) => linear_edges(model, data, cfg, from, &c, &c_pinv, &w, &q, name),
+        EdgeMethod::Pairs { w1, act, w2 } => dense_edges(
+            model, data, cfg, from, &c, &c_pinv, &w1, act, &w2, &q, points, name,
+        ),
+        EdgeMethod::ActiveRelu { w1, act, w2 } => relu_edges(
+            model, data, cfg, from, &c, &c_pinv, &w1, act, &w2, &q, points, name,
+        ),
+        EdgeMethod::Jvp => jvp_edges(model, data, cfg, layers, l, &c, &c_pinv, &q, points),
+    })
+}
+
+/// How the edges of the section `from -> to` are computed (method.md sections 5 and 11): the
+/// one recogniser behind [`edges`] and `ibasis plan`'s [`edge_path`].
+pub(crate) enum EdgeMethod<'a> {
+    /// Closed form of a single-query attention section (squared edges).
+    Attention(AttentionSection<'a>),
+    /// Closed form of a layer-norm half (squared edges).
+    Norm(Norm),
+    /// `x W`: no JVP.
+    Linear(Mat<f64>),
+    /// `act(x W1) W2` with few hidden units: pair statistics in one GEMM.
+    Pairs {
+        w1: Mat<f64>,
+        act: PartialAct,
+        w2: Mat<f64>,
+    },
+    /// `relu(x W1) W2` with many hidden units: per-sample products over the active units.
+    ActiveRelu {
+        w1: Mat<f64>,
+        act: PartialAct,
+        w2: Mat<f64>,
+    },
+    /// The general path: one JVP per input feature.
+    Jvp,
+}
+
+/// Recognises the section `from -> to` whose output keeps `n_out` directions.
+pub(crate) fn edge_method<'a>(
+    model: &'a Model,
+    cfg: &LibConfig,
+    from: usize,
+    to: usize,
+    n_out: usize,
+) -> EdgeMethod<'a> {
+    let modules = &model.modules[from..to];
+    if cfg.edge_formula == EdgeFormula::Squared {
+        if let Some(att) = attention_section(modules) {
+            return EdgeMethod::Attention(att);
+        }
+        if let Some(norm) = norm_section(modules) {
+            return EdgeMethod::Norm(norm);
         }
     }
-    if matches!(
+    if !matches!(
         cfg.edge_formula,
         EdgeFormula::Squared | EdgeFormula::Stochastic
     ) {
-        match classify(&model.modules[from..to]) {
-            Shape::Linear(w) => {
-                return Ok(linear_edges(
-                    model,
-                    data,
-                    cfg,
-                    from,
-                    &c,
-                    &c_pinv,
-                    &w,
-                    &q,
-                    &layers[l].name,
-                ))
-            }
-            // The pair statistics cost K(K+1)/2 per input feature and sample in one GEMM, a JVP
-            // K * d_out in several passes plus building the tangents: measured, the pairs win
-            // up to K ~ 4 d_out (MNIST's layers.1 -> layers.2: K = 101, d_out = 28); a wide MLP
-            // beside the residual stream (K = 642, d_out = 110) goes by JVP.
-            Shape::Dense { w1, act, w2 } if w1.ncols() < 4 * q.ncols() => {
-                return Ok(dense_edges(
-                    model,
-                    data,
-                    cfg,
-                    from,
-                    &c,
-                    &c_pinv,
-                    &w1,
-                    act,
-                    &w2,
-                    &q,
-                    points,
-                    &layers[l].name,
-                ))
-            }
-            // ReLU zeroes about half the units per sample: per-sample products over the
-            // active units only (method.md section 11's sparsity) beat a dense JVP.
-            Shape::Dense { w1, act, w2 } if act.act == Activation::Relu => {
-                return Ok(relu_edges(
-                    model,
-                    data,
-                    cfg,
-                    from,
-                    &c,
-                    &c_pinv,
-                    &w1,
-                    act,
-                    &w2,
-                    &q,
-                    points,
-                    &layers[l].name,
-                ))
-            }
-            Shape::Dense { .. } | Shape::General => {}
-        }
+        return EdgeMethod::Jvp;
     }
-    Ok(jvp_edges(
-        model, data, cfg, layers, l, &c, &c_pinv, &q, points,
-    ))
+    match classify(modules) {
+        Shape::Linear(w) => EdgeMethod::Linear(w),
+        // The pair statistics cost K(K+1)/2 per input feature and sample in one GEMM, a JVP
+        // K * d_out in several passes plus building the tangents: measured, the pairs win up to
+        // K ~ 4 d_out (MNIST's layers.1 -> layers.2: K = 101, d_out = 28); a wide MLP beside
+        // the residual stream (K = 642, d_out = 110) goes by JVP.
+        Shape::Dense { w1, act, w2 } if w1.ncols() < 4 * n_out => EdgeMethod::Pairs { w1, act, w2 },
+        // ReLU zeroes about half the units per sample: per-sample products over the active
+        // units only (method.md section 11's sparsity) beat a dense JVP.
+        Shape::Dense { w1, act, w2 } if act.act == Activation::Relu => {
+            EdgeMethod::ActiveRelu { w1, act, w2 }
+        }
+        Shape::Dense { .. } | Shape::General => EdgeMethod::Jvp,
+    }
 }
 
 /// How [`edges`] computes the edges `layers[l] -> layers[l + 1]` with `n_in` and `n_out`
@@ -153,36 +151,21 @@ pub fn edge_path(
     n_out: usize,
 ) -> String {
     let (from, to) = (layers[l].index, layers[l + 1].index);
-    if cfg.edge_formula == EdgeFormula::Squared
-        && attention_section(&model.modules[from..to]).is_some()
-    {
-        return "closed form, single-query attention".into();
-    }
-    if cfg.edge_formula == EdgeFormula::Squared && norm_section(&model.modules[from..to]).is_some()
-    {
-        return "closed form, layer-norm section".into();
-    }
-    if matches!(
-        cfg.edge_formula,
-        EdgeFormula::Squared | EdgeFormula::Stochastic
-    ) {
-        match classify(&model.modules[from..to]) {
-            Shape::Linear(_) => return "closed form, linear section".into(),
-            Shape::Dense { w1, .. } if w1.ncols() < 4 * n_out => {
-                return "closed form, pair statistics".into()
-            }
-            Shape::Dense { act, .. } if act.act == Activation::Relu => {
-                return format!("per-sample products over the active ReLU units, {n_in} features")
-            }
-            _ => {}
+    match edge_method(model, cfg, from, to, n_out) {
+        EdgeMethod::Attention(_) => "closed form, single-query attention".into(),
+        EdgeMethod::Norm(_) => "closed form, layer-norm section".into(),
+        EdgeMethod::Linear(_) => "closed form, linear section".into(),
+        EdgeMethod::Pairs { .. } => "closed form, pair statistics".into(),
+        EdgeMethod::ActiveRelu { .. } => {
+            format!("per-sample products over the active ReLU units, {n_in} features")
         }
+        EdgeMethod::Jvp => format!("JVP, {n_in} tangents per sample"),
     }
-    format!("JVP, {n_in} tangents per sample")
 }
 
 /// The half of a layer norm a section consists of (identities aside), if that is all it is.
 #[derive(Clone, Copy, Debug)]
-enum Norm {
+pub(crate) enum Norm {
     Var {
         carried: usize,
         width: usize,
