@@ -86,6 +86,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
+        /// Tolerance of the "fewest features within delta" table (as `ibasis run --delta`).
+        #[arg(long, default_value_t = 0.001)]
+        delta: f64,
     },
     /// Time the reference builds (MNIST, modular addition) and print a table.
     Bench {
@@ -172,8 +175,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("-> {}", out.join("ablation.json").display());
         }
-        Command::Report { graphs, out, gamma } => {
-            pipeline::report_from_dirs(&graphs, &out, gamma)?;
+        Command::Report {
+            graphs,
+            out,
+            gamma,
+            delta,
+        } => {
+            pipeline::report_from_dirs(&graphs, &out, gamma, delta)?;
             println!("-> {}", out.display());
         }
         Command::Bench { repeat } => bench::run(repeat)?,

@@ -152,6 +152,7 @@ pub fn run_pipeline(
         &edge_results,
         fourier.as_deref(),
         gamma,
+        delta,
         &out.join("figures"),
     )?;
     timings.push((
@@ -330,6 +331,7 @@ pub fn write_full_report(
     edge_results: &[AblationResult],
     fourier: Option<&[Vec<FourierLabel>]>,
     gamma: f64,
+    delta: f64,
     fig_dir: &Path,
 ) -> anyhow::Result<Clusters> {
     std::fs::create_dir_all(fig_dir)
@@ -422,7 +424,7 @@ pub fn write_full_report(
         let metric = node_results[0].metric.as_str();
         let mut figs = Vec::new();
         let mut table = Table {
-            caption: format!("Fewest features within delta of the unablated {metric}"),
+            caption: format!("Fewest features within delta = {delta} of the unablated {metric}"),
             header: vec!["node layer".into()],
             rows: vec![],
         };
@@ -464,7 +466,7 @@ pub fn write_full_report(
             let mut row = vec![b.name.clone()];
             for r in node_results {
                 row.push(
-                    fewest_within(r, &b.name, 0.001)
+                    fewest_within(r, &b.name, delta)
                         .map(|n| n.to_string())
                         .unwrap_or("-".into()),
                 );
@@ -512,14 +514,9 @@ pub fn write_full_report(
     }
 
     // Spectra and edge mass.
-    let mut spectra = Vec::new();
+    let spectra = spectra_series(graphs);
     let mut mass = Vec::new();
     for (name, g) in graphs {
-        for b in &g.layers {
-            if !b.lambda.is_empty() && *name != "neurons" {
-                spectra.push((format!("{name} {}", b.name), b.lambda.clone()));
-            }
-        }
         for (l, e) in g.edges.iter().enumerate() {
             let mut v: Vec<f64> = e
                 .col_iter()
@@ -606,9 +603,47 @@ pub fn write_full_report(
     Ok(clusters)
 }
 
+/// Whether every rotated node layer of `g` is a permutation of the neurons (the `neuron` basis:
+/// 0/1 entries, one 1 per column), whatever the graph is called.
+pub fn is_neuron_basis(g: &Graph) -> bool {
+    let mut any = false;
+    for c in g.layers.iter().filter_map(|b| b.c.as_ref()) {
+        any = true;
+        for col in c.col_iter() {
+            let ones = col.iter().filter(|&&v| v == 1.0).count();
+            if ones != 1 || col.iter().any(|&v| v != 0.0 && v != 1.0) {
+                return false;
+            }
+        }
+    }
+    any
+}
+
+/// The Lambda (LIB) and eigenvalue (PCA) spectra of `graphs`, one series per node layer; the
+/// neuron basis (told apart by its matrices, not its name) has none worth plotting.
+pub fn spectra_series(graphs: &[(&str, &Graph)]) -> Vec<(String, Vec<f64>)> {
+    let mut spectra = Vec::new();
+    for (name, g) in graphs {
+        if is_neuron_basis(g) {
+            continue;
+        }
+        for b in &g.layers {
+            if !b.lambda.is_empty() {
+                spectra.push((format!("{name} {}", b.name), b.lambda.clone()));
+            }
+        }
+    }
+    spectra
+}
+
 /// `ibasis report --graph DIR [--graph DIR ...] --out report.html`: the report of built graphs,
 /// with the ablation results found inside them (`DIR/ablation-nodes`, `DIR/ablation-edges`).
-pub fn report_from_dirs(dirs: &[PathBuf], out: &Path, gamma: f64) -> anyhow::Result<()> {
+pub fn report_from_dirs(
+    dirs: &[PathBuf],
+    out: &Path,
+    gamma: f64,
+    delta: f64,
+) -> anyhow::Result<()> {
     anyhow::ensure!(!dirs.is_empty(), "give at least one --graph folder");
     let mut loaded = Vec::new();
     for d in dirs {
@@ -648,6 +683,7 @@ pub fn report_from_dirs(dirs: &[PathBuf], out: &Path, gamma: f64) -> anyhow::Res
         &edges,
         fourier.as_deref(),
         gamma,
+        delta,
         &fig_dir,
     )?;
     Ok(())
