@@ -1,7 +1,7 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
-use ibasis::experiments::{ablate, bench, build, config, eval, pipeline, plan, train};
+use ibasis::experiments::{ablate, bench, build, config, eval, explorer, pipeline, plan, train};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -89,6 +89,23 @@ enum Command {
         /// Tolerance of the "fewest features within delta" table (as `ibasis run --delta`).
         #[arg(long, default_value_t = 0.001)]
         delta: f64,
+    },
+    /// The interactive explorer of built graphs: one self-contained HTML file (no network),
+    /// plus each pruned graph as circuit-tracer JSON beside it (FILE-<graph>.json).
+    Explore {
+        #[arg(long = "graph", required = true)]
+        graphs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of each output feature's incoming edge mass kept in the file.
+        #[arg(long, default_value_t = 0.95)]
+        edge_mass: f64,
+        /// At most this many incoming edges per output feature.
+        #[arg(long, default_value_t = 64)]
+        max_in_edges: usize,
+        /// Leiden resolution of the modules shown.
+        #[arg(long, default_value_t = 1.0)]
+        gamma: f64,
     },
     /// Time the reference builds (MNIST, modular addition) and print a table.
     Bench {
@@ -183,6 +200,29 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             pipeline::report_from_dirs(&graphs, &out, gamma, delta)?;
             println!("-> {}", out.display());
+        }
+        Command::Explore {
+            graphs,
+            out,
+            edge_mass,
+            max_in_edges,
+            gamma,
+        } => {
+            let opts = explorer::ExplorerOptions {
+                edge_mass,
+                max_in_edges,
+                gamma,
+                ..Default::default()
+            };
+            let f = explorer::explore_from_dirs(&graphs, &out, &opts)?;
+            println!(
+                "-> {} ({:.1} MB)",
+                f.html.display(),
+                f.html_bytes as f64 / 1e6
+            );
+            for j in &f.json {
+                println!("-> {}", j.display());
+            }
         }
         Command::Bench { repeat } => bench::run(repeat)?,
     }

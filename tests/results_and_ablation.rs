@@ -203,7 +203,10 @@ fn report_table_uses_the_given_delta() {
         },
     );
     for (delta, want) in [(0.001, "4"), (0.05, "2"), (0.2, "1")] {
-        assert_eq!(fewest_within(&r, "unembed", delta).unwrap().to_string(), want);
+        assert_eq!(
+            fewest_within(&r, "unembed", delta).unwrap().to_string(),
+            want
+        );
         let html = out.join(format!("report-{delta}.html"));
         ibasis::experiments::pipeline::write_full_report(
             &html,
@@ -246,7 +249,11 @@ fn spectra_leave_out_the_neuron_basis_by_its_matrices() {
     for name in ["neuron", "neurons", "lib"] {
         let s = spectra_series(&[("lib", &lib), (name, &neuron)]);
         let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["lib ln2.0", "lib unembed"], "neuron graph named {name}");
+        assert_eq!(
+            names,
+            ["lib ln2.0", "lib unembed"],
+            "neuron graph named {name}"
+        );
     }
     let _ = std::fs::remove_dir_all(out);
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod build;
 pub mod config;
 pub mod eval;
+pub mod explorer;
 pub mod figures;
 pub mod fourier;
 pub mod modularity;

@@ -38,6 +38,8 @@ pub struct PipelineSummary {
     pub frequencies: Vec<(String, Vec<usize>)>,
     pub timings: Vec<(String, f64)>,
     pub report: PathBuf,
+    /// The interactive explorer (`explorer.html`).
+    pub explorer: PathBuf,
 }
 
 /// Held-out chunks scored per language-model evaluation in the pipeline's ablations.
@@ -159,6 +161,21 @@ pub fn run_pipeline(
         "clustering, figures, report".into(),
         t.elapsed().as_secs_f64(),
     ));
+    let t = Instant::now();
+    let named: Vec<(&str, &Graph)> = runs.iter().map(|(n, _)| *n).zip(&graphs).collect();
+    let explorer = super::explorer::write_explorer(
+        &out.join("explorer.html"),
+        &lib_cfg,
+        &model,
+        &named,
+        Some(&clusters),
+        &format!("ibasis explorer: {}", lib_cfg.model_path().display()),
+        &super::explorer::ExplorerOptions {
+            gamma,
+            ..Default::default()
+        },
+    )?;
+    timings.push(("explorer".into(), t.elapsed().as_secs_f64()));
     timings.push(("total".into(), t0.elapsed().as_secs_f64()));
 
     let baseline = node_results[0].baseline;
@@ -205,6 +222,7 @@ pub fn run_pipeline(
         modularity_q: clusters.q,
         timings,
         report: html,
+        explorer: explorer.html,
     };
     write_atomic(
         &out.join("summary.json"),
@@ -722,6 +740,7 @@ pub fn describe(s: &PipelineSummary) -> String {
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
     out += &format!("time: {}\n", t.join(", "));
-    out += &format!("report: {}", s.report.display());
+    out += &format!("report: {}\n", s.report.display());
+    out += &format!("explorer: {}", s.explorer.display());
     out
 }
