@@ -80,11 +80,16 @@ fn u32s(s: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn i32s(s: &Value) -> Vec<i32> {
-    unbase64(s.as_str().unwrap())
-        .chunks(4)
-        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// Feature indices stored with `index_bytes` bytes each.
+fn indices(s: &Value, index_bytes: &Value) -> Vec<u32> {
+    match index_bytes.as_u64().unwrap() {
+        2 => unbase64(s.as_str().unwrap())
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect(),
+        4 => u32s(s),
+        n => panic!("{n} bytes per index"),
+    }
 }
 
 #[test]
@@ -241,7 +246,11 @@ fn card_data_equals_graph_values() {
         // the stored mass over the matrix's non-constant total.
         for (m, e) in g.edges.iter().enumerate() {
             let ej = &gj["edges"][m];
-            let (src, dst, w) = (u32s(&ej["src"]), u32s(&ej["dst"]), f32s(&ej["w"]));
+            let (src, dst, w) = (
+                indices(&ej["src"], &ej["index_bytes"]),
+                indices(&ej["dst"], &ej["index_bytes"]),
+                f32s(&ej["w"]),
+            );
             let w_max = ej["w_max"].as_f64().unwrap();
             assert_eq!(src.len(), ej["n_kept"].as_u64().unwrap() as usize);
             let skip_in = usize::from(g.layers[m].has_constant);

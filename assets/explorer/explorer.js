@@ -15,6 +15,7 @@
   }
   const f32 = (s) => new Float32Array(bytes(s).buffer);
   const u32 = (s) => new Uint32Array(bytes(s).buffer);
+  const u16 = (s) => new Uint16Array(bytes(s).buffer);
   const i32 = (s) => new Int32Array(bytes(s).buffer);
   const i8 = (s) => new Int8Array(bytes(s).buffer);
 
@@ -32,7 +33,8 @@
       return Object.assign({}, L, { maxLam, decoded: {} });
     });
     const edges = g.edges.map((E) => {
-      const src = u32(E.src), dst = u32(E.dst), w = f32(E.w);
+      const idx = E.index_bytes === 2 ? u16 : u32;
+      const src = idx(E.src), dst = idx(E.dst), w = f32(E.w);
       // Cumulative mass (in units of w_max) for the slider's prefix.
       const cum = new Float64Array(w.length);
       let acc = 0;
@@ -117,7 +119,7 @@
     const p = panes[0];
     if (!p) return;
     const W = p.div.clientWidth, H = p.div.clientHeight;
-    const mx = 50, top = 34, bottom = 26;
+    const mx = 50, top = 44, bottom = 26;
     const n = nLayers();
     ui.view = {
       sx: n > 1 ? (W - 2 * mx) / (n - 1) : 1,
@@ -244,13 +246,17 @@
     ctx.fillStyle = '#222';
     ctx.font = '12px system-ui, sans-serif';
     ctx.textAlign = 'center';
+    // Names staggered on two rows when the columns are narrower than the names.
+    const widest = Math.max(...g.layers.map((L) => ctx.measureText(L.name).width)) + 8;
+    const stagger = v.sx < widest;
     g.layers.forEach((L, l) => {
       const x = X(l);
+      const y = stagger && l % 2 ? 28 : 14;
       ctx.fillStyle = 'rgba(250,250,250,0.85)';
       const tw = ctx.measureText(L.name).width + 6;
-      ctx.fillRect(x - tw / 2, 2, tw, 16);
+      ctx.fillRect(x - tw / 2, y - 12, tw, 16);
       ctx.fillStyle = '#222';
-      ctx.fillText(L.name, x, 14);
+      ctx.fillText(L.name, x, y);
     });
     return `${g.name}: ${drawn.toLocaleString()} of ${shown.toLocaleString()} edges drawn`;
   }

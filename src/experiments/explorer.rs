@@ -280,6 +280,26 @@ fn i32_bytes(v: impl IntoIterator<Item = i64>) -> Vec<u8> {
         .collect()
 }
 
+/// Bytes per feature index in a matrix with up to `n` features a side: 2 below 65536.
+pub fn index_bytes(n: usize) -> usize {
+    if n <= 1 << 16 {
+        2
+    } else {
+        4
+    }
+}
+
+/// Feature indices as u16 or u32 ([`index_bytes`]), little-endian.
+fn index_array(v: impl IntoIterator<Item = u32>, n: usize) -> Vec<u8> {
+    if index_bytes(n) == 2 {
+        v.into_iter()
+            .flat_map(|x| (x as u16).to_le_bytes())
+            .collect()
+    } else {
+        u32_bytes(v)
+    }
+}
+
 fn u32_bytes(v: impl IntoIterator<Item = u32>) -> Vec<u8> {
     v.into_iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -477,21 +497,25 @@ fn kind_of(cfg: &RunConfig) -> Kind {
     }
 }
 
-/// Builds the explorer's data (the JSON embedded in the page) for `graphs` of one run.
+/// Builds the explorer's data (the JSON embedded in the page) for `graphs` of one run, with
+/// what its features represent when the run's config and model are given. Also returns the
+/// Fourier labels per graph and layer (for the JSON export).
 pub fn explorer_data(
-    cfg: &RunConfig,
-    model: &Model,
+    source: Option<(&RunConfig, &Model)>,
     graphs: &[ExplorerGraph<'_>],
     title: &str,
     opts: &ExplorerOptions,
 ) -> anyhow::Result<(Value, Vec<Vec<Option<Vec<String>>>>)> {
-    let kind = kind_of(cfg);
+    let (kind, cfg, model) = match source {
+        Some((cfg, model)) => (kind_of(cfg), Some(cfg), Some(model)),
+        None => (Kind::None, None, None),
+    };
     let mut all_labels: Vec<Vec<Option<Vec<String>>>> = Vec::new();
     let mut graph_values = Vec::new();
     // Top activations (images, text): one pass for all graphs.
-    let top_data: Option<Box<dyn Dataset>> = match &kind {
-        Kind::Image(..) => Some(load_data(&cfg.with_split(Split::Test))?),
-        Kind::Text(_) => Some(load_data(&cfg.data)?),
+    let top_data: Option<Box<dyn Dataset>> = match (&kind, cfg) {
+        (Kind::Image(..), Some(cfg)) => Some(load_data(&cfg.with_split(Split::Test))?),
+        (Kind::Text(_), Some(cfg)) => Some(load_data(&cfg.data)?),
         _ => None,
     };
     let mut bases: Vec<(usize, usize, &NodeBasis)> = Vec::new();
@@ -508,7 +532,7 @@ pub fn explorer_data(
         .map(|g| vec![None; g.graph.layers.len()])
         .collect();
     let mut used: Vec<u32> = Vec::new();
-    if let Some(data) = &top_data {
+    if let (Some(data), Some(model)) = (&top_data, model) {
         let refs: Vec<&NodeBasis> = bases.iter().map(|t| t.2).collect();
         let hits = top_activations(model, data.as_ref(), &refs, opts.top_k)?;
         for ((gi, l, _), h) in bases.iter().zip(hits) {
@@ -528,7 +552,7 @@ pub fn explorer_data(
         let mut labels: Vec<Option<Vec<String>>> = vec![None; layers.len()];
         // Fourier spectra of the non-output layers.
         let mut fourier: Vec<Option<Value>> = vec![None; layers.len()];
-        if let Kind::Modular(p, op) = &kind {
+        if let (Kind::Modular(p, op), Some(model)) = (&kind, model) {
             let idx: Vec<usize> = (0..layers.len())
                 .filter(|&l| layers[l].name != OUTPUT)
                 .collect();
@@ -573,7 +597,7 @@ pub fn explorer_data(
                     .collect()
             });
             let mut direction = Value::Null;
-            if let (Kind::Image(h, w), Some(cp)) = (&kind, &b.c_pinv) {
+            if let (Kind::Image(h, w), Some(cp), Some(model)) = (&kind, &b.c_pinv, model) {
                 let index = model.node_index(&b.name);
                 if index == Some(0) && b.d_orig == h * w + 1 && cp.ncols() == b.d_orig {
                     let mut bytes = Vec::with_capacity(d * h * w);
@@ -660,8 +684,9 @@ pub fn explorer_data(
                     "n_positive": p.n_positive,
                     "n_kept": p.edges.len(),
                     "w_max": w_max,
-                    "src": base64(&u32_bytes(p.edges.iter().map(|e| e.1))),
-                    "dst": base64(&u32_bytes(p.edges.iter().map(|e| e.0))),
+                    "index_bytes": index_bytes(p.n_in.max(p.n_out)),
+                    "src": base64(&index_array(p.edges.iter().map(|e| e.1), p.n_in.max(p.n_out))),
+                    "dst": base64(&index_array(p.edges.iter().map(|e| e.0), p.n_in.max(p.n_out))),
                     "w": base64(&f32_bytes(scaled)),
                 })
             })
@@ -725,7 +750,7 @@ pub fn explorer_data(
     let data = json!({
         "format": "ibasis-explorer/1",
         "title": title,
-        "model": cfg.model_path().display().to_string(),
+        "model": cfg.map(|c| c.model_path().display().to_string()),
         "settings": {
             "edge_mass": opts.edge_mass,
             "max_in_edges": opts.max_in_edges,
@@ -809,7 +834,7 @@ pub fn write_explorer(
         };
         prepared.push(prepare(name, g, given, opts)?);
     }
-    let (data, labels) = explorer_data(cfg, model, &prepared, title, opts)?;
+    let (data, labels) = explorer_data(Some((cfg, model)), &prepared, title, opts)?;
     let page = render_html(title, &data)?;
     if let Some(dir) = html.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -867,4 +892,9 @@ pub fn explore_from_dirs(
     let graphs: Vec<(&str, &Graph)> = loaded.iter().map(|(n, g, _)| (n.as_str(), g)).collect();
     let title = format!("ibasis explorer: {}", cfg.model_path().display());
     write_explorer(out, &cfg, &model, &graphs, None, &title, opts)
+}
+
+/// Standard base64 of `bytes` (how the page stores binary arrays).
+pub fn base64_of(bytes: &[u8]) -> String {
+    base64(bytes)
 }
