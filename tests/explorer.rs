@@ -447,7 +447,7 @@ fn json_export_has_the_viewers_layout() {
 
 /// Runs tests/browser/check-explorer.js on `html`; `None` (and SKIPPED printed) when chromium
 /// or the npm packages are absent.
-pub fn browser_check(html: &Path, shot: &Path, expect: &[String], test: &str) -> Option<Value> {
+fn browser_check(html: &Path, shot: &Path, expect: &[String], test: &str) -> Option<Value> {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !Path::new(&chromium).exists() {
         eprintln!(
@@ -504,4 +504,104 @@ fn explorer_works_in_chromium() {
         assert_eq!(r["ok"], true);
         assert_eq!(r["clicked"].as_array().unwrap().len(), 2);
     }
+}
+
+/// MNIST cards: the input-space direction at layers.0 is row j of C_pinv, the top test images
+/// are those with the largest |f C| (checked against every test image), and their pixels are
+/// the data's.
+#[test]
+fn mnist_cards_show_directions_and_top_images() {
+    let model_path = "../shared/reference/mnist-mlp/model_epoch_12.pt";
+    if !have(
+        &[model_path, "data/mnist/t10k-images-idx3-ubyte"],
+        "mnist_cards_show_directions_and_top_images",
+    ) {
+        return;
+    }
+    chdir_root();
+    let text = std::fs::read_to_string(root().join("configs/mnist-lib.toml"))
+        .unwrap()
+        .replace("split = \"train\"", "split = \"train\"\nn_samples = 3000");
+    let cfg = RunConfig::parse(&text).unwrap();
+    let dir = tmp("explorer-mnist");
+    build_config(&cfg, "test", &dir.join("lib")).unwrap();
+    let html = dir.join("explorer.html");
+    explorer::explore_from_dirs(&[dir.join("lib")], &html, &ExplorerOptions::default()).unwrap();
+    let page = std::fs::read_to_string(&html).unwrap();
+    let d = embedded(&page);
+    let (g, _) = Graph::load(&dir.join("lib")).unwrap();
+    // Directions.
+    let b0 = &g.layers[0];
+    let cp = b0.c_pinv.as_ref().unwrap();
+    let dj = &d["graphs"][0]["layers"][0]["direction"];
+    let vals: Vec<i8> = unbase64(dj["data"].as_str().unwrap())
+        .iter()
+        .map(|&x| x as i8)
+        .collect();
+    assert_eq!(vals.len(), b0.d_lib() * 784);
+    for j in 0..b0.d_lib() {
+        let scale = dj["scale"][j].as_f64().unwrap();
+        let want = (0..784).map(|i| cp[(j, i)].abs()).fold(0.0, f64::max);
+        assert!((scale - want).abs() <= 1e-12 * want);
+        for i in 0..784 {
+            let got = vals[j * 784 + i] as f64 / 127.0 * scale;
+            assert!(
+                (got - cp[(j, i)]).abs() <= 0.5 / 127.0 * scale + 1e-15,
+                "feature {j} pixel {i}"
+            );
+        }
+    }
+    // Top images at layers.1, against all test images.
+    let model = config::load_model(&cfg.model).unwrap();
+    let test = config::load_data(&cfg.with_split(ibasis::data::modadd::Split::Test)).unwrap();
+    let n = test.len();
+    let f = model.run(test.inputs(0..n), 0, model.node_index("layers.1").unwrap());
+    let fhat =
+        ibasis::tensor::linalg::mm(f.data.as_ref(), g.layers[1].c.as_ref().unwrap().as_ref());
+    let tj = &d["graphs"][0]["layers"][1]["top"];
+    let k = tj["k"].as_u64().unwrap() as usize;
+    let (value, row) = (f32s(&tj["value"]), unbase64(tj["row"].as_str().unwrap()));
+    let row: Vec<i32> = row
+        .chunks(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let images = &d["images"];
+    let samples: Vec<usize> = images["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let pixels = unbase64(images["pixels"].as_str().unwrap());
+    for j in 0..4 {
+        let mut all: Vec<(f64, usize)> = (0..n).map(|x| (fhat[(x, j)].abs(), x)).collect();
+        all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+        for s in 0..k {
+            let r = row[j * k + s] as usize;
+            let x = samples[r];
+            assert_eq!(x, all[s].1, "feature {j}, place {s}");
+            let v = value[j * k + s] as f64;
+            assert!((v - fhat[(x, j)]).abs() <= 1e-6 * fhat[(x, j)].abs());
+            let input = test.inputs(x..x + 1);
+            for i in 0..784 {
+                assert_eq!(
+                    pixels[r * 784 + i],
+                    (input.data[(0, i)] * 255.0).round() as u8
+                );
+            }
+        }
+    }
+    let expect = vec![
+        format!("lib:layers.0:1:{}", g.layers[0].lambda[1]),
+        format!("lib:layers.1:2:{}", g.layers[1].lambda[2]),
+    ];
+    let shots = root().join("target/explorer-screens");
+    std::fs::create_dir_all(&shots).unwrap();
+    browser_check(
+        &html,
+        &shots.join("mnist-test.png"),
+        &expect,
+        "mnist_cards_show_directions_and_top_images",
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

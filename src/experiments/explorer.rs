@@ -898,3 +898,105 @@ pub fn explore_from_dirs(
 pub fn base64_of(bytes: &[u8]) -> String {
     base64(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::modadd::{ModOp, ModularArithmetic};
+    use crate::models::transformer::{transformer_from_tensors, TransformerOptions};
+    use rand::{Rng, SeedableRng};
+
+    /// One forward pass in parallel batches gives the lists that sorting every activation of
+    /// every sample gives; a last-position node layer reports the last input position.
+    #[test]
+    fn top_activations_match_a_full_sort() {
+        let p = 11;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let tensors = crate::experiments::eval::testing::random_transformer(&mut rng, p);
+        let opts = TransformerOptions {
+            last_pos_module_type: Some("add_resid1".into()),
+            ..Default::default()
+        };
+        let model = transformer_from_tensors(&tensors, &opts, "random").unwrap();
+        let data = ModularArithmetic::new(p, ModOp::Add, Split::All, 1.0, 0, None).unwrap();
+        let basis = |name: &str, d_lib: Option<usize>, rng: &mut rand_chacha::ChaCha8Rng| {
+            let d = model.node_features(model.node_index(name).unwrap());
+            NodeBasis {
+                name: name.into(),
+                d_orig: d,
+                pos: 1,
+                mean: vec![],
+                gram: Mat::zeros(0, 0),
+                c: d_lib.map(|k| Mat::from_fn(d, k, |_, _| rng.random_range(-1.0..1.0))),
+                c_pinv: None,
+                w: None,
+                w_pinv: None,
+                v: None,
+                lambda: vec![],
+                n_masked: 0,
+                has_constant: false,
+            }
+        };
+        let bases = [
+            basis("unembed", Some(4), &mut rng),
+            basis("ln1.0", None, &mut rng),
+            basis("ln2.0", Some(3), &mut rng),
+        ];
+        let refs: Vec<&NodeBasis> = bases.iter().collect();
+        let k = 5;
+        let got = top_activations(&model, &data, &refs, k).unwrap();
+        let n = data.len();
+        let in_pos = data.inputs(0..1).pos;
+        for (b, got) in bases.iter().zip(&got) {
+            let f = model.run(data.inputs(0..n), 0, model.node_index(&b.name).unwrap());
+            let fhat = match &b.c {
+                Some(c) => mm(f.data.as_ref(), c.as_ref()),
+                None => f.data.clone(),
+            };
+            assert_eq!(got.len(), fhat.ncols());
+            for (j, list) in got.iter().enumerate() {
+                let mut all: Vec<Hit> = (0..fhat.nrows())
+                    .map(|r| {
+                        let (x, s) = (r / f.pos, r % f.pos);
+                        let pos = if f.pos == in_pos { s } else { in_pos - 1 };
+                        let v = fhat[(r, j)];
+                        (v.abs(), v, x as u32, pos as u32)
+                    })
+                    .collect();
+                all.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.2, a.3).cmp(&(b.2, b.3))));
+                assert_eq!(list.len(), k);
+                for (h, w) in list.iter().zip(&all) {
+                    assert_eq!((h.2, h.3), (w.2, w.3), "{} feature {j}", b.name);
+                    assert!((h.1 - w.1).abs() <= 1e-10 * w.0.max(1.0));
+                }
+            }
+        }
+        // unembed sits after the last-position section: one position, reported as the last.
+        assert!(got[0][0].iter().all(|h| h.3 as usize == in_pos - 1));
+        assert!(got[1].iter().flatten().any(|h| (h.3 as usize) < in_pos - 1));
+    }
+
+    #[test]
+    fn template_markers_are_filled_once() {
+        let t = "a{{X}}b{{Y}}{{X}}";
+        assert_eq!(
+            fill(t, &[("X", "{{Y}}"), ("Y", "2")]).unwrap(),
+            "a{{Y}}b2{{Y}}"
+        );
+        assert!(fill("{{Z}}", &[("X", "")]).is_err());
+        assert!(fill("{{X", &[("X", "")]).is_err());
+        let page = render_html("t<", &json!({"s": "</script><!--"})).unwrap();
+        assert!(!page.contains("</script><!--"));
+        assert!(page.contains("t&lt;"));
+    }
+
+    #[test]
+    fn power_bytes_span_four_decades() {
+        assert_eq!(power_byte(1.0, 1.0), 255);
+        assert_eq!(power_byte(1e-2, 1.0), 128);
+        assert_eq!(power_byte(1e-4, 1.0), 0);
+        assert_eq!(power_byte(1e-9, 1.0), 0);
+        assert_eq!(power_byte(0.0, 1.0), 0);
+        assert_eq!(power_byte(3.0, 0.0), 0);
+    }
+}
