@@ -153,8 +153,8 @@ fn pruning_keeps_the_stated_share() {
             }
         }
         let mut got = p.edges.clone();
-        got.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        want.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        got.sort_by_key(|a| (a.0, a.1));
+        want.sort_by_key(|a| (a.0, a.1));
         assert_eq!(got, want, "mass {mass}, max_in {max_in}");
         assert!((p.total - total).abs() <= 1e-12 * total);
         assert!((p.kept_share() - kept / total).abs() < 1e-12);

@@ -477,6 +477,9 @@ pub fn circuit_json(
     })
 }
 
+/// Per node layer of a graph, its features' Fourier labels (modular arithmetic only).
+pub type LayerLabels = Vec<Option<Vec<String>>>;
+
 /// What the data says a feature represents.
 enum Kind {
     /// Modular arithmetic `(p, op)`: Fourier spectra.
@@ -505,12 +508,12 @@ pub fn explorer_data(
     graphs: &[ExplorerGraph<'_>],
     title: &str,
     opts: &ExplorerOptions,
-) -> anyhow::Result<(Value, Vec<Vec<Option<Vec<String>>>>)> {
+) -> anyhow::Result<(Value, Vec<LayerLabels>)> {
     let (kind, cfg, model) = match source {
         Some((cfg, model)) => (kind_of(cfg), Some(cfg), Some(model)),
         None => (Kind::None, None, None),
     };
-    let mut all_labels: Vec<Vec<Option<Vec<String>>>> = Vec::new();
+    let mut all_labels: Vec<LayerLabels> = Vec::new();
     let mut graph_values = Vec::new();
     // Top activations (images, text): one pass for all graphs.
     let top_data: Option<Box<dyn Dataset>> = match (&kind, cfg) {
