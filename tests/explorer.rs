@@ -605,3 +605,72 @@ fn mnist_cards_show_directions_and_top_images() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn ibasis(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ibasis"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run ibasis");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// `ibasis explore` writes the page and one JSON per graph; bad input is one error line and
+/// no output.
+#[test]
+fn explore_command_writes_the_page_or_one_clear_error() {
+    let (_, dirs, _) = modadd_explorer();
+    let dir = tmp("explore-cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("view.html");
+    let (ok, stdout, stderr) = ibasis(&[
+        "explore",
+        "--graph",
+        dirs[0].to_str().unwrap(),
+        "--graph",
+        dirs[2].to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("view.html") && stdout.contains("view-neuron.json"),
+        "{stdout}"
+    );
+    assert!(
+        out.exists() && dir.join("view-lib.json").exists() && dir.join("view-neuron.json").exists()
+    );
+    let d = embedded(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(d["graphs"].as_array().unwrap().len(), 2);
+    let bad = dir.join("bad.html");
+    for (args, needle) in [
+        (vec!["--graph", "no/such/graph"], "no/such/graph"),
+        (
+            vec!["--graph", dirs[0].to_str().unwrap(), "--edge-mass", "1.5"],
+            "--edge-mass",
+        ),
+        (
+            vec!["--graph", dirs[0].to_str().unwrap(), "--max-in-edges", "0"],
+            "--max-in-edges",
+        ),
+    ] {
+        let mut a = vec!["explore"];
+        a.extend(args);
+        a.extend(["--out", bad.to_str().unwrap()]);
+        let (ok, _, err) = ibasis(&a);
+        assert!(!ok);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{err}"
+        );
+        assert!(!bad.exists(), "no page after an error");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -62,6 +62,24 @@ pub struct ExplorerOptions {
     pub gamma: f64,
 }
 
+impl ExplorerOptions {
+    /// Errors on settings that cannot be used.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.edge_mass > 0.0 && self.edge_mass <= 1.0,
+            "--edge-mass {} is outside (0, 1]",
+            self.edge_mass
+        );
+        ensure!(self.max_in_edges >= 1, "--max-in-edges must be at least 1");
+        ensure!(
+            self.gamma.is_finite() && self.gamma >= 0.0,
+            "--gamma {} must be finite and >= 0",
+            self.gamma
+        );
+        Ok(())
+    }
+}
+
 impl Default for ExplorerOptions {
     fn default() -> Self {
         Self {
@@ -828,6 +846,7 @@ pub fn write_explorer(
     opts: &ExplorerOptions,
 ) -> anyhow::Result<ExplorerFiles> {
     ensure!(!graphs.is_empty(), "the explorer needs at least one graph");
+    opts.validate()?;
     let mut prepared = Vec::with_capacity(graphs.len());
     for (i, (name, g)) in graphs.iter().enumerate() {
         let given = if i == 0 {
@@ -865,6 +884,7 @@ pub fn explore_from_dirs(
     opts: &ExplorerOptions,
 ) -> anyhow::Result<ExplorerFiles> {
     ensure!(!dirs.is_empty(), "give at least one --graph folder");
+    opts.validate()?;
     let mut loaded = Vec::new();
     for d in dirs {
         let (g, s) = Graph::load(d)?;
