@@ -163,6 +163,20 @@ async function main() {
     } else {
       await page.screenshot({ path: a.shot });
     }
+    // The other controls run without errors: module order, the mass slider, one graph only,
+    // a wheel zoom and a drag.
+    await page.select('#order', 'module');
+    await page.evaluate(() => { const m = document.getElementById('mass'); m.value = '100'; m.dispatchEvent(new Event('input')); });
+    const c = await page.evaluate(() => { const r = document.querySelector('.pane canvas').getBoundingClientRect(); return { x: r.left + r.width / 2, y: r.top + r.height / 2 }; });
+    await page.mouse.move(c.x, c.y);
+    await page.mouse.wheel({ deltaY: -200 });
+    await page.mouse.down(); await page.mouse.move(c.x + 40, c.y + 30, { steps: 4 }); await page.mouse.up();
+    await page.screenshot({ path: a.shot.replace(/\.png$/, '-modules.png') });
+    const boxes = await page.$$('#graphs input');
+    for (const b of boxes.slice(1)) await b.click();
+    await new Promise((r) => setTimeout(r, 100));
+    result.panes = await page.evaluate(() => document.querySelectorAll('.pane').length);
+    if (result.panes !== 1) fail(`${result.panes} panes after unticking all graphs but the first`);
     result.consoleErrors = consoleErrors;
     result.requests = requests;
     if (consoleErrors.length) fail(`console errors: ${consoleErrors.join(' | ')}`);
