@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The whole experiment on one model: LIB, PCA and neuron graphs, ablations, modules,
-    /// Fourier labels, figures and an HTML report (default: the shipped modular-addition model).
+    /// Fourier labels, figures, an HTML report and the interactive explorer (DIR/explorer.html)
+    /// (default: the shipped modular-addition model).
     Run {
         #[arg(default_value = "configs/modadd-lib.toml")]
         config: PathBuf,

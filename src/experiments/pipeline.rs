@@ -1,5 +1,6 @@
 //! The whole experiment of method.md section 10 on one model: LIB, PCA and neuron bases, node
-//! ablation curves, edge bisection, Leiden modules, Fourier labels, figures and an HTML report.
+//! ablation curves, edge bisection, Leiden modules, Fourier labels, figures, an HTML report and
+//! the interactive explorer (`explorer.html`, see [`super::explorer`]).
 
 use super::ablate::{
     edge_ablation, node_ablation, AblationResult, AblationSettings, Metric, Schedule,
