@@ -1,7 +1,9 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
-use ibasis::experiments::{ablate, bench, build, clustering, config, eval, pipeline, plan, train};
+use ibasis::experiments::{
+    ablate, bench, build, clustering, config, eval, explorer, pipeline, plan, train,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,7 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The whole experiment on one model: LIB, PCA and neuron graphs, ablations, modules,
-    /// Fourier labels, figures and an HTML report (default: the shipped modular-addition model).
+    /// Fourier labels, figures, an HTML report and the interactive explorer (DIR/explorer.html)
+    /// (default: the shipped modular-addition model).
     Run {
         #[arg(default_value = "configs/modadd-lib.toml")]
         config: PathBuf,
@@ -84,6 +87,26 @@ enum Command {
         graphs: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        gamma: f64,
+        /// Tolerance of the "fewest features within delta" table (as `ibasis run --delta`).
+        #[arg(long, default_value_t = 0.001)]
+        delta: f64,
+    },
+    /// The interactive explorer of built graphs: one self-contained HTML file (no network),
+    /// plus each pruned graph as circuit-tracer JSON beside it (FILE-<graph>.json).
+    Explore {
+        #[arg(long = "graph", required = true)]
+        graphs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of each output feature's incoming edge mass kept in the file.
+        #[arg(long, default_value_t = 0.95)]
+        edge_mass: f64,
+        /// At most this many incoming edges per output feature.
+        #[arg(long, default_value_t = 64)]
+        max_in_edges: usize,
+        /// Leiden resolution of the modules shown.
         #[arg(long, default_value_t = 1.0)]
         gamma: f64,
     },
@@ -196,8 +219,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("-> {}", out.join("ablation.json").display());
         }
-        Command::Report { graphs, out, gamma } => {
-            pipeline::report_from_dirs(&graphs, &out, gamma)?;
+        Command::Report {
+            graphs,
+            out,
+            gamma,
+            delta,
+        } => {
+            pipeline::report_from_dirs(&graphs, &out, gamma, delta)?;
             println!("-> {}", out.display());
         }
         Command::Modularity {
@@ -221,6 +249,29 @@ fn run(command: Command) -> anyhow::Result<()> {
             if let Some(out) = out {
                 ibasis::io::write_atomic(&out, serde_json::to_string_pretty(&rows)?.as_bytes())?;
                 println!("-> {}", out.display());
+            }
+        }
+        Command::Explore {
+            graphs,
+            out,
+            edge_mass,
+            max_in_edges,
+            gamma,
+        } => {
+            let opts = explorer::ExplorerOptions {
+                edge_mass,
+                max_in_edges,
+                gamma,
+                ..Default::default()
+            };
+            let f = explorer::explore_from_dirs(&graphs, &out, &opts)?;
+            println!(
+                "-> {} ({:.1} MB)",
+                f.html.display(),
+                f.html_bytes as f64 / 1e6
+            );
+            for j in &f.json {
+                println!("-> {}", j.display());
             }
         }
         Command::Bench { repeat } => bench::run(repeat)?,

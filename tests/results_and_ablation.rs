@@ -169,11 +169,92 @@ fn report_with_ablations_of_some_layers() {
         &[],
         None,
         1.0,
+        0.001,
         &out.join("figures"),
     )
     .unwrap();
     assert!(out.join("figures/ablation-unembed.svg").exists());
     assert!(!out.join("figures/ablation-ln2_0.svg").exists());
     assert!(std::fs::read_to_string(&html).unwrap().contains("unembed"));
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// The report's "fewest features within delta" table uses the delta it is given (as
+/// `summary.json` does), not a fixed 0.001.
+#[test]
+fn report_table_uses_the_given_delta() {
+    use ibasis::experiments::ablate::{AblationResult, Curve};
+    use ibasis::experiments::pipeline::fewest_within;
+    chdir_root();
+    let out = tmp("delta-report");
+    let cfg = shipped(r#"node_layers = ["unembed", "output"]"#);
+    let g = build_config(&cfg, "test", &out.join("lib")).unwrap();
+    // Accuracy 0.9 with one feature, 0.97 with two, 0.9995 with 4, 1 with all.
+    let mut r = AblationResult {
+        basis: "lib".into(),
+        metric: "accuracy".into(),
+        baseline: 1.0,
+        ..Default::default()
+    };
+    r.node_layers.insert(
+        "unembed".into(),
+        Curve {
+            n_kept: vec![0, 1, 2, 4, 8],
+            score: vec![0.0, 0.9, 0.97, 0.9995, 1.0],
+        },
+    );
+    for (delta, want) in [(0.001, "4"), (0.05, "2"), (0.2, "1")] {
+        assert_eq!(
+            fewest_within(&r, "unembed", delta).unwrap().to_string(),
+            want
+        );
+        let html = out.join(format!("report-{delta}.html"));
+        ibasis::experiments::pipeline::write_full_report(
+            &html,
+            &cfg,
+            &[("lib", &g)],
+            std::slice::from_ref(&r),
+            &[],
+            None,
+            1.0,
+            delta,
+            &out.join("figures"),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&html).unwrap();
+        let row = format!(r#"<tr><td>unembed</td><td class="num">{want}</td></tr>"#);
+        assert!(text.contains(&row), "delta {delta}: no row {row}");
+        assert!(text.contains(&format!("within delta = {delta} ")));
+    }
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// The spectra figure leaves out the neuron basis whatever its graph is called: `ibasis run`
+/// named it `neurons`, `ibasis report` names graphs by folder (`neuron`).
+#[test]
+fn spectra_leave_out_the_neuron_basis_by_its_matrices() {
+    use ibasis::algorithm::BasisFormula;
+    use ibasis::experiments::pipeline::{is_neuron_basis, spectra_series};
+    chdir_root();
+    let out = tmp("neuron-spectra");
+    let lib_cfg = shipped(r#"node_layers = ["ln2.0", "unembed", "output"]"#);
+    let mut neuron_cfg = lib_cfg.clone();
+    neuron_cfg.lib.basis_formula = BasisFormula::Neuron;
+    neuron_cfg.lib.center = false;
+    neuron_cfg.lib.edge_formula = ibasis::algorithm::EdgeFormula::None;
+    build_config(&lib_cfg, "test", &out.join("lib")).unwrap();
+    build_config(&neuron_cfg, "test", &out.join("neuron")).unwrap();
+    let (lib, _) = Graph::load(&out.join("lib")).unwrap();
+    let (neuron, _) = Graph::load(&out.join("neuron")).unwrap();
+    assert!(is_neuron_basis(&neuron) && !is_neuron_basis(&lib));
+    for name in ["neuron", "neurons", "lib"] {
+        let s = spectra_series(&[("lib", &lib), (name, &neuron)]);
+        let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["lib ln2.0", "lib unembed"],
+            "neuron graph named {name}"
+        );
+    }
     let _ = std::fs::remove_dir_all(out);
 }

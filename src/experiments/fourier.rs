@@ -332,6 +332,26 @@ pub fn label_layers(
     modulus: usize,
     op: ModOp,
 ) -> anyhow::Result<Vec<Vec<FourierLabel>>> {
+    Ok(feature_grids(model, bases, modulus, op)?
+        .iter()
+        .map(|grids| {
+            power_spectra(grids.as_ref(), modulus)
+                .par_iter()
+                .map(label_from_power)
+                .collect()
+        })
+        .collect())
+}
+
+/// Each feature of each of `bases` over all `p^2` pairs, from one forward pass: per basis a
+/// `p^2 x d_lib` matrix, row `a p + b`, column `j` the feature `(sum_s f_s) C_j` summed over
+/// positions (the input of [`power_spectra`]).
+pub fn feature_grids(
+    model: &Model,
+    bases: &[&NodeBasis],
+    modulus: usize,
+    op: ModOp,
+) -> anyhow::Result<Vec<Mat<f64>>> {
     // (node index, position in `bases`), in model order; and each basis's C.
     let mut order: Vec<(usize, usize)> = Vec::with_capacity(bases.len());
     let mut cs: Vec<Mat<f64>> = Vec::with_capacity(bases.len());
@@ -385,10 +405,7 @@ pub fn label_layers(
                     .copy_from(&b[l]);
                 row += b[l].nrows();
             }
-            power_spectra(grids.as_ref(), p)
-                .par_iter()
-                .map(label_from_power)
-                .collect()
+            grids
         })
         .collect())
 }

@@ -7,6 +7,7 @@ pub mod build;
 pub mod clustering;
 pub mod config;
 pub mod eval;
+pub mod explorer;
 pub mod figures;
 pub mod fourier;
 pub mod modularity;

@@ -1,5 +1,6 @@
 //! The whole experiment of method.md section 10 on one model: LIB, PCA and neuron bases, node
-//! ablation curves, edge bisection, Leiden modules, Fourier labels, figures and an HTML report.
+//! ablation curves, edge bisection, Leiden modules, Fourier labels, figures, an HTML report and
+//! the interactive explorer (`explorer.html`, see [`super::explorer`]).
 
 use super::ablate::{
     edge_ablation, node_ablation, AblationResult, AblationSettings, Metric, Schedule,
@@ -38,6 +39,8 @@ pub struct PipelineSummary {
     pub frequencies: Vec<(String, Vec<usize>)>,
     pub timings: Vec<(String, f64)>,
     pub report: PathBuf,
+    /// The interactive explorer (`explorer.html`).
+    pub explorer: PathBuf,
 }
 
 /// Held-out chunks scored per language-model evaluation in the pipeline's ablations.
@@ -169,12 +172,28 @@ pub fn run_pipeline(
         &edge_results,
         fourier.as_deref(),
         gamma,
+        delta,
         &out.join("figures"),
     )?;
     timings.push((
         "clustering, figures, report".into(),
         t.elapsed().as_secs_f64(),
     ));
+    let t = Instant::now();
+    let named: Vec<(&str, &Graph)> = runs.iter().map(|(n, _)| *n).zip(&graphs).collect();
+    let explorer = super::explorer::write_explorer(
+        &out.join("explorer.html"),
+        &lib_cfg,
+        &model,
+        &named,
+        Some(&clusters),
+        &format!("ibasis explorer: {}", lib_cfg.model_path().display()),
+        &super::explorer::ExplorerOptions {
+            gamma,
+            ..Default::default()
+        },
+    )?;
+    timings.push(("explorer".into(), t.elapsed().as_secs_f64()));
     timings.push(("total".into(), t0.elapsed().as_secs_f64()));
 
     let baseline = node_results[0].baseline;
@@ -221,6 +240,7 @@ pub fn run_pipeline(
         modularity_q: clusters.q,
         timings,
         report: html,
+        explorer: explorer.html,
     };
     write_atomic(
         &out.join("summary.json"),
@@ -355,6 +375,7 @@ pub fn write_full_report(
     edge_results: &[AblationResult],
     fourier: Option<&[Vec<FourierLabel>]>,
     gamma: f64,
+    delta: f64,
     fig_dir: &Path,
 ) -> anyhow::Result<Clusters> {
     std::fs::create_dir_all(fig_dir)
@@ -447,7 +468,7 @@ pub fn write_full_report(
         let metric = node_results[0].metric.as_str();
         let mut figs = Vec::new();
         let mut table = Table {
-            caption: format!("Fewest features within delta of the unablated {metric}"),
+            caption: format!("Fewest features within delta = {delta} of the unablated {metric}"),
             header: vec!["node layer".into()],
             rows: vec![],
         };
@@ -489,7 +510,7 @@ pub fn write_full_report(
             let mut row = vec![b.name.clone()];
             for r in node_results {
                 row.push(
-                    fewest_within(r, &b.name, 0.001)
+                    fewest_within(r, &b.name, delta)
                         .map(|n| n.to_string())
                         .unwrap_or("-".into()),
                 );
@@ -537,14 +558,9 @@ pub fn write_full_report(
     }
 
     // Spectra and edge mass.
-    let mut spectra = Vec::new();
+    let spectra = spectra_series(graphs);
     let mut mass = Vec::new();
     for (name, g) in graphs {
-        for b in &g.layers {
-            if !b.lambda.is_empty() && *name != "neurons" {
-                spectra.push((format!("{name} {}", b.name), b.lambda.clone()));
-            }
-        }
         for (l, e) in g.edges.iter().enumerate() {
             let mut v: Vec<f64> = e
                 .col_iter()
@@ -631,9 +647,47 @@ pub fn write_full_report(
     Ok(clusters)
 }
 
+/// Whether every rotated node layer of `g` is a permutation of the neurons (the `neuron` basis:
+/// 0/1 entries, one 1 per column), whatever the graph is called.
+pub fn is_neuron_basis(g: &Graph) -> bool {
+    let mut any = false;
+    for c in g.layers.iter().filter_map(|b| b.c.as_ref()) {
+        any = true;
+        for col in c.col_iter() {
+            let ones = col.iter().filter(|&&v| v == 1.0).count();
+            if ones != 1 || col.iter().any(|&v| v != 0.0 && v != 1.0) {
+                return false;
+            }
+        }
+    }
+    any
+}
+
+/// The Lambda (LIB) and eigenvalue (PCA) spectra of `graphs`, one series per node layer; the
+/// neuron basis (told apart by its matrices, not its name) has none worth plotting.
+pub fn spectra_series(graphs: &[(&str, &Graph)]) -> Vec<(String, Vec<f64>)> {
+    let mut spectra = Vec::new();
+    for (name, g) in graphs {
+        if is_neuron_basis(g) {
+            continue;
+        }
+        for b in &g.layers {
+            if !b.lambda.is_empty() {
+                spectra.push((format!("{name} {}", b.name), b.lambda.clone()));
+            }
+        }
+    }
+    spectra
+}
+
 /// `ibasis report --graph DIR [--graph DIR ...] --out report.html`: the report of built graphs,
 /// with the ablation results found inside them (`DIR/ablation-nodes`, `DIR/ablation-edges`).
-pub fn report_from_dirs(dirs: &[PathBuf], out: &Path, gamma: f64) -> anyhow::Result<()> {
+pub fn report_from_dirs(
+    dirs: &[PathBuf],
+    out: &Path,
+    gamma: f64,
+    delta: f64,
+) -> anyhow::Result<()> {
     anyhow::ensure!(!dirs.is_empty(), "give at least one --graph folder");
     let mut loaded = Vec::new();
     for d in dirs {
@@ -673,6 +727,7 @@ pub fn report_from_dirs(dirs: &[PathBuf], out: &Path, gamma: f64) -> anyhow::Res
         &edges,
         fourier.as_deref(),
         gamma,
+        delta,
         &fig_dir,
     )?;
     Ok(())
@@ -711,6 +766,7 @@ pub fn describe(s: &PipelineSummary) -> String {
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
     out += &format!("time: {}\n", t.join(", "));
-    out += &format!("report: {}", s.report.display());
+    out += &format!("report: {}\n", s.report.display());
+    out += &format!("explorer: {}", s.explorer.display());
     out
 }
