@@ -46,10 +46,75 @@ pub struct PipelineSummary {
 /// Held-out chunks scored per language-model evaluation in the pipeline's ablations.
 const LM_EVAL_CHUNKS: usize = 16;
 
-/// Runs everything for `config` (a LIB build config) into `out`.
+/// Runs everything for `config` (a LIB build config) into `out`, as one unit: the run is
+/// written into a fresh sibling folder `OUT.partial-PID` and renamed over `out` only when
+/// complete (an older run there is moved aside first and removed after), so after a kill `out`
+/// is the old complete run or the new one, and anything unfinished is a `.partial-*` folder.
 pub fn run_pipeline(
     config: &Path,
     out: &Path,
+    model: Option<&Path>,
+    delta: f64,
+    gamma: f64,
+) -> anyhow::Result<PipelineSummary> {
+    let staging = sibling(out, "partial")?;
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot clear {}", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    match run_into(config, &staging, out, model, delta, gamma) {
+        Ok(summary) => {
+            replace_dir(&staging, out)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+/// `DIR.TAG-PID` beside `dir`.
+fn sibling(dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("--out {} has no folder name", dir.display()))?;
+    let mut name = name.to_os_string();
+    name.push(format!(".{tag}-{}", std::process::id()));
+    Ok(dir.with_file_name(name))
+}
+
+/// Puts the complete folder `staging` at `out`: an existing `out` is renamed aside, `staging`
+/// renamed into place, then the old one removed.
+fn replace_dir(staging: &Path, out: &Path) -> anyhow::Result<()> {
+    let old = sibling(out, "old")?;
+    let had_old = out.exists();
+    if had_old {
+        std::fs::rename(out, &old)
+            .with_context(|| format!("cannot move the previous run {} aside", out.display()))?;
+    }
+    std::fs::rename(staging, out).with_context(|| {
+        format!(
+            "cannot move the finished run {} to {}",
+            staging.display(),
+            out.display()
+        )
+    })?;
+    if had_old {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove the previous run {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The pipeline, writing into `out` (a staging folder) and naming files as they will be at
+/// `final_out`.
+fn run_into(
+    config: &Path,
+    out: &Path,
+    final_out: &Path,
     model: Option<&Path>,
     delta: f64,
     gamma: f64,
@@ -75,6 +140,14 @@ pub fn run_pipeline(
     let test = load_data(&lib_cfg.with_split(Split::Test))?;
     let lm = test.next_token_targets();
     let exp = lib_cfg.experiments.clone().unwrap_or_default();
+    for name in exp.ablate_node_layers.iter().flatten() {
+        anyhow::ensure!(
+            lib_cfg.lib.node_layers.contains(name),
+            "{}: [experiments] ablate_node_layers names `{name}`, which is not one of [lib] node_layers {:?}",
+            config.display(),
+            lib_cfg.lib.node_layers
+        );
+    }
     let eval_samples = exp.eval_samples.or(lm.then_some(LM_EVAL_CHUNKS));
     let test = limit(test, eval_samples);
     let mut runs = vec![
@@ -239,8 +312,8 @@ pub fn run_pipeline(
         n_modules: clusters.n_clusters,
         modularity_q: clusters.q,
         timings,
-        report: html,
-        explorer: explorer.html,
+        report: final_out.join("report.html"),
+        explorer: final_out.join(explorer.html.file_name().expect("a file")),
     };
     write_atomic(
         &out.join("summary.json"),
