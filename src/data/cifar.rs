@@ -84,8 +84,7 @@ impl Cifar10 {
     pub fn from_files(files: &[PathBuf]) -> anyhow::Result<Self> {
         let (mut pixels, mut labels) = (Vec::new(), Vec::new());
         for path in files {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let bytes = crate::io::read_file(path)?;
             if bytes.is_empty() {
                 bail!("{}: empty file, no CIFAR-10 records", path.display());
             }

@@ -22,7 +22,7 @@ pub struct Idx {
 
 /// Reads the whole of `path`, gunzipping it when its name ends in `.gz`.
 pub(crate) fn read_maybe_gz(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let raw = crate::io::read_file(path)?;
     if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(raw.as_slice())

@@ -58,8 +58,7 @@ impl ModularArithmetic {
         let total = modulus * modulus;
         let train: Vec<usize> = match split_file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read split file {}", path.display()))?;
+                let text = crate::io::read_text(path).context("split file")?;
                 let mut v = Vec::new();
                 for (i, line) in text
                     .lines()

@@ -126,7 +126,7 @@ pub fn text_files<P: AsRef<Path>>(paths: &[P]) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Reads `path` as UTF-8 text and tokenises it.
 fn tokenize_file(path: &Path, tokenizer: &dyn Tokenizer) -> anyhow::Result<Vec<u32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::io::read_file(path)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{} is not valid UTF-8 (at byte {})",

@@ -168,7 +168,97 @@ impl RunConfig {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| toml_error(text, &e))
+        let cfg: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks of values the types admit but a run cannot use (a hang, an allocation of
+    /// terabytes, an empty result), each naming its key. Shapes against the model and data are
+    /// checked when those are loaded ([`check_compatible`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        fn within<T: PartialOrd + std::fmt::Display>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> anyhow::Result<()> {
+            if !(v >= lo && v <= hi) {
+                bail!("{key} = {v} is outside {lo}..={hi}");
+            }
+            Ok(())
+        }
+        // Sign sources and batches beyond these sizes cost more memory than any machine has
+        // for a model of useful size; the limits are far above what the paper's runs used.
+        const SOURCES: usize = 1 << 16;
+        let lib = &self.lib;
+        within("[lib] batch_size", lib.batch_size, 1, 1 << 20)?;
+        within(
+            "[lib] n_stochastic_sources_edges",
+            lib.n_stochastic_sources_edges,
+            1,
+            SOURCES,
+        )?;
+        if let Some(n) = lib.n_stochastic_sources_pos {
+            within("[lib] n_stochastic_sources_pos", n, 1, SOURCES)?;
+        }
+        if let Some(n) = lib.n_stochastic_sources_hidden {
+            within("[lib] n_stochastic_sources_hidden", n, 1, SOURCES)?;
+        }
+        within("[lib] n_intervals", lib.n_intervals, 0, 10_000)?;
+        if !(lib.tau.is_finite() && lib.tau >= 0.0) {
+            bail!("[lib] tau = {} must be finite and >= 0", lib.tau);
+        }
+        match &self.data {
+            DataConfig::ModularArithmetic {
+                modulus,
+                frac_train,
+                ..
+            } => {
+                // p^2 pairs; the Fourier labels cost p^3 per feature.
+                within("[data] modulus", *modulus, 2, 2048)?;
+                if !(*frac_train > 0.0 && *frac_train <= 1.0) {
+                    bail!("[data] frac_train = {frac_train} must be in (0, 1]");
+                }
+            }
+            DataConfig::Text {
+                n_ctx,
+                n_samples,
+                test_frac,
+                ..
+            } => {
+                within("[data] n_ctx", *n_ctx, 1, 1 << 17)?;
+                if let Some(n) = n_samples {
+                    within("[data] n_samples", *n, 1, usize::MAX)?;
+                }
+                if !(*test_frac >= 0.0 && *test_frac < 1.0) {
+                    bail!("[data] test_frac = {test_frac} must be in [0, 1)");
+                }
+            }
+            DataConfig::Mnist { n_samples, .. } | DataConfig::Cifar10 { n_samples, .. } => {
+                if let Some(n) = n_samples {
+                    within("[data] n_samples", *n, 1, usize::MAX)?;
+                }
+            }
+        }
+        if let Some(exp) = &self.experiments {
+            if let Some(b) = exp.schedule_base {
+                // The counts after the cutoff grow by this factor: at 1 (or NaN) they never
+                // reach the layer's size.
+                if !(b.is_finite() && b >= 1.05 && b <= 1e6) {
+                    bail!(
+                        "[experiments] schedule_base = {b} must be a finite factor in 1.05..=1e6"
+                    );
+                }
+            }
+            if let Some(c) = exp.schedule_cutoff {
+                within("[experiments] schedule_cutoff", c, 0, 1 << 20)?;
+            }
+            if let Some(n) = exp.eval_samples {
+                within("[experiments] eval_samples", n, 1, usize::MAX)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn model_path(&self) -> &Path {
@@ -375,6 +465,28 @@ pub fn limit(d: Box<dyn Dataset>, n: Option<usize>) -> Box<dyn Dataset> {
 /// Checks that the data fits the model's input.
 pub fn check_compatible(model: &Model, data: &dyn Dataset) -> anyhow::Result<()> {
     let x = data.inputs(0..1.min(data.len()));
+    if let Some((id, max)) = model.max_positions() {
+        if x.pos > max {
+            bail!(
+                "data/model mismatch: {id} of model {} has {max} positions, {} gives {} per sample",
+                model.name,
+                data.describe(),
+                x.pos
+            );
+        }
+    }
+    // Class labels (not next-token targets) must be outputs of the model.
+    if !data.next_token_targets() && !data.is_empty() {
+        let classes = model.node_features(model.modules.len());
+        let n = data.len().min(1 << 16);
+        if let Some(bad) = data.labels(0..n).into_iter().find(|&l| l >= classes) {
+            bail!(
+                "data/model mismatch: {} has label {bad} but model {} has {classes} outputs",
+                data.describe(),
+                model.name
+            );
+        }
+    }
     match model.input {
         crate::models::InputKind::Features(d) if x.features() != d => bail!(
             "data/model mismatch: {} gives {} input features (bias included) but model {} expects {d}",
@@ -393,4 +505,83 @@ pub fn check_compatible(model: &Model, data: &dyn Dataset) -> anyhow::Result<()>
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+kind = "transformer"
+path = "assets/modadd/model.safetensors"
+[data]
+kind = "modular_arithmetic"
+[lib]
+node_layers = ["ln2.0", "unembed"]
+"#;
+
+    #[test]
+    fn values_out_of_range_are_refused_by_key() {
+        assert!(RunConfig::parse(BASE).is_ok());
+        let cases = [
+            (
+                "[lib]",
+                "n_stochastic_sources_hidden = 1000000000",
+                "[lib] n_stochastic_sources_hidden",
+            ),
+            ("[lib]", "batch_size = 0", "[lib] batch_size"),
+            ("[lib]", "tau = inf", "[lib] tau"),
+            ("[data]", "modulus = 1000000", "[data] modulus"),
+            ("[data]", "frac_train = 0.0", "[data] frac_train"),
+            (
+                "[experiments]",
+                "schedule_base = 1.0",
+                "[experiments] schedule_base",
+            ),
+            (
+                "[experiments]",
+                "schedule_base = -2.0",
+                "[experiments] schedule_base",
+            ),
+            (
+                "[experiments]",
+                "schedule_base = nan",
+                "[experiments] schedule_base",
+            ),
+            (
+                "[experiments]",
+                "schedule_cutoff = 1000000000000",
+                "[experiments] schedule_cutoff",
+            ),
+            (
+                "[experiments]",
+                "eval_samples = 0",
+                "[experiments] eval_samples",
+            ),
+        ];
+        for (table, line, key) in cases {
+            let text = if table == "[experiments]" {
+                format!("{BASE}[experiments]\n{line}\n")
+            } else {
+                BASE.replace(&format!("{table}\n"), &format!("{table}\n{line}\n"))
+            };
+            let e = RunConfig::parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_config_is_in_range() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Trainer and ablation configs have schemas of their own.
+            if !text.contains("\n[lib]") {
+                continue;
+            }
+            RunConfig::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
 }

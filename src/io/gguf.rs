@@ -418,7 +418,7 @@ impl fmt::Debug for Gguf {
 /// Reads and parses a GGUF file (the whole file is read into memory; tensors are dequantised on
 /// demand). Errors are one line starting with the path.
 pub fn read_gguf(path: &Path) -> anyhow::Result<Gguf> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::io::read_file(path)?;
     parse_gguf(bytes, &path.display().to_string())
 }
 

@@ -411,6 +411,7 @@ const TRUNCATED: &str = "truncated or corrupt zip archive";
 
 impl Zip {
     fn open(path: &Path) -> anyhow::Result<Self> {
+        crate::io::check_regular(path)?;
         let file = File::open(path).map_err(|e| anyhow!("cannot open: {e}"))?;
         let len = file.metadata()?.len();
         if len == 0 {

@@ -11,7 +11,7 @@ pub type Tensors = BTreeMap<String, HostTensor>;
 
 /// Reads every tensor of a safetensors file as f64.
 pub fn load_safetensors(path: &Path) -> anyhow::Result<Tensors> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::io::read_file(path)?;
     parse_safetensors(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))
 }

@@ -82,6 +82,11 @@ pub trait Module: Send + Sync {
     fn vjp(&self, cache: &Cache, dy: &Batch) -> Batch;
     /// Batched JVP at the cached point: `r` input tangents per sample pushed to the output.
     fn jvp(&self, cache: &Cache, dx: &Batch) -> Batch;
+    /// The most positions per sample the module accepts (a learned position table's rows, a
+    /// rotary table's length); `None` for no limit.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
     fn structure(&self) -> Structure<'_> {
         Structure::General
     }
@@ -178,6 +183,15 @@ impl Model {
     }
 
     /// Feature dimension of node layer `index` (see [`Model::node_index`]).
+    /// The module with the smallest position limit and that limit (see
+    /// [`Module::max_positions`]).
+    pub fn max_positions(&self) -> Option<(&str, usize)> {
+        self.modules
+            .iter()
+            .filter_map(|m| m.max_positions().map(|p| (m.id(), p)))
+            .min_by_key(|&(_, p)| p)
+    }
+
     pub fn node_features(&self, index: usize) -> usize {
         match self.modules.get(index) {
             Some(m) => m.in_features(),

@@ -619,6 +619,9 @@ impl Module for AttnOut {
             in_pos
         }
     }
+    fn max_positions(&self) -> Option<usize> {
+        self.rotary.as_ref().map(|r| r.n_ctx)
+    }
     fn structure(&self) -> crate::models::Structure<'_> {
         crate::models::Structure::Attention(self)
     }

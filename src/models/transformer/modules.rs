@@ -208,6 +208,9 @@ impl Module for PosEmbed {
     fn id(&self) -> &str {
         "pos_embed"
     }
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.w_pos.nrows())
+    }
     fn in_features(&self) -> usize {
         self.w_pos.ncols()
     }
@@ -933,6 +936,9 @@ fn last_rows(b: &Batch) -> Batch {
 impl Module for LastPos {
     fn id(&self) -> &str {
         self.0.id()
+    }
+    fn max_positions(&self) -> Option<usize> {
+        self.0.max_positions()
     }
     fn in_features(&self) -> usize {
         self.0.in_features()

@@ -1,0 +1,173 @@
+//! Inputs from the hardening issue that used to panic, hang or blow up memory: each must now
+//! give one error line naming the file or key, a non-zero exit and no output.
+
+mod common;
+use common::*;
+use ibasis::io::weights::{load_safetensors, save_safetensors};
+use ibasis::tensor::HostTensor;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SHIPPED: &str = "assets/modadd/model.safetensors";
+
+fn config(model: &str, extra_lib: &str) -> String {
+    format!(
+        r#"
+[model]
+kind = "transformer"
+path = "{model}"
+[model.options]
+last_pos_module_type = "add_resid1"
+[data]
+kind = "modular_arithmetic"
+modulus = 113
+[lib]
+node_layers = ["ln2.0", "unembed", "output"]
+{extra_lib}
+"#
+    )
+}
+
+/// Runs `ibasis build` on `config_text` (with a deadline: a hang fails the test) and checks the
+/// error: one line, containing every `needle`, no output folder.
+fn refused(dir: &Path, config_text: &str, needles: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, config_text).unwrap();
+    let out = dir.join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ibasis"))
+        .args([
+            "build",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .current_dir(root())
+        .env_remove("RUST_BACKTRACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("{needles:?}: ibasis hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{needles:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err:?}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{err:?} lacks {n:?}");
+    }
+    assert!(!out.exists(), "no output may be left");
+}
+
+/// The shipped model with one tensor replaced.
+fn altered(dir: &Path, name: &str, t: HostTensor) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut w = load_safetensors(&root().join(SHIPPED)).unwrap();
+    w.insert(name.to_string(), t);
+    let path = dir.join("model.safetensors");
+    save_safetensors(&path, &w, false).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_position_table_shorter_than_the_data_is_named_with_both_sides() {
+    let dir = tmp("hard-pos");
+    let w = load_safetensors(&root().join(SHIPPED)).unwrap();
+    let pos = &w["pos_embed.W_pos"];
+    let model = altered(
+        &dir,
+        "pos_embed.W_pos",
+        HostTensor::new(vec![2, pos.shape[1]], pos.data[..2 * pos.shape[1]].to_vec()),
+    );
+    refused(
+        &dir,
+        &config(&model, ""),
+        &["pos_embed", "2 positions", "3 per sample"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_unembedding_with_fewer_classes_than_the_labels_is_refused() {
+    let dir = tmp("hard-classes");
+    let w = load_safetensors(&root().join(SHIPPED)).unwrap();
+    let u = &w["unembed.W_U"];
+    let (d, k) = (u.shape[0], 50);
+    let data: Vec<f64> = (0..d)
+        .flat_map(|i| u.data[i * u.shape[1]..i * u.shape[1] + k].to_vec())
+        .collect();
+    let mut weights = w.clone();
+    weights.insert("unembed.W_U".into(), HostTensor::new(vec![d, k], data));
+    weights.insert(
+        "unembed.b_U".into(),
+        HostTensor::new(vec![k], w["unembed.b_U"].data[..k].to_vec()),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    save_safetensors(&path, &weights, false).unwrap();
+    refused(
+        &dir,
+        &config(path.to_str().unwrap(), ""),
+        &["label", "50 outputs"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_fifo_is_not_read() {
+    let dir = tmp("hard-fifo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("model.safetensors");
+    let ok = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .map(|s| s.success());
+    if !matches!(ok, Ok(true)) {
+        panic!("mkfifo is needed for this test");
+    }
+    refused(
+        &dir,
+        &config(fifo.to_str().unwrap(), ""),
+        &["not a regular file"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hanging_and_exploding_settings_are_refused_by_key() {
+    let dir = tmp("hard-keys");
+    for (extra, key) in [
+        (
+            "n_stochastic_sources_hidden = 1000000000",
+            "[lib] n_stochastic_sources_hidden",
+        ),
+        ("batch_size = 0", "[lib] batch_size"),
+    ] {
+        refused(&dir, &config(SHIPPED, extra), &[key]);
+    }
+    let exp = format!(
+        "{}\n[experiments]\nschedule_base = 1.0\n",
+        config(SHIPPED, "")
+    );
+    refused(&dir, &exp, &["[experiments] schedule_base"]);
+    let exp = format!(
+        "{}\n[experiments]\nschedule_cutoff = 1000000000000\n",
+        config(SHIPPED, "")
+    );
+    refused(&dir, &exp, &["[experiments] schedule_cutoff"]);
+    refused(
+        &dir,
+        &config(SHIPPED, "").replace("modulus = 113", "modulus = 1000000"),
+        &["[data] modulus"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
