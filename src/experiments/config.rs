@@ -245,7 +245,7 @@ impl RunConfig {
             if let Some(b) = exp.schedule_base {
                 // The counts after the cutoff grow by this factor: at 1 (or NaN) they never
                 // reach the layer's size.
-                if !(b.is_finite() && b >= 1.05 && b <= 1e6) {
+                if !(1.05..=1e6).contains(&b) {
                     bail!(
                         "[experiments] schedule_base = {b} must be a finite factor in 1.05..=1e6"
                     );
