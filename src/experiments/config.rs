@@ -227,7 +227,12 @@ impl RunConfig {
                 test_frac,
                 ..
             } => {
-                within("[data] n_ctx", *n_ctx, 1, 1 << 17)?;
+                within(
+                    "[data] n_ctx",
+                    *n_ctx,
+                    1,
+                    crate::models::transformer::attention::MAX_ROTARY_POSITIONS,
+                )?;
                 if let Some(n) = n_samples {
                     within("[data] n_samples", *n, 1, usize::MAX)?;
                 }

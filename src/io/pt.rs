@@ -296,6 +296,9 @@ impl DType {
     }
 }
 
+/// Largest ratio of a view's elements to its storage's that [`rebuild_tensor`] reads.
+const MAX_VIEW_EXPANSION: usize = 64;
+
 /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks[, meta])`,
 /// where `storage` is the persistent id `("storage", <class>, key, location, numel)` of
 /// `{prefix}data/{key}`. Offset and strides count elements.
@@ -358,6 +361,14 @@ fn rebuild_tensor(
             "tensor {name}: view (offset {offset}, shape {shape:?}, stride {stride:?}) runs past \
              its storage of {available} elements"
         ),
+    }
+    // A view may repeat storage elements (stride 0, overlapping strides), but a state dict's
+    // tensors never expand their storage by much: refuse before allocating a huge broadcast.
+    if numel > available.max(1).saturating_mul(MAX_VIEW_EXPANSION) {
+        bail!(
+            "tensor {name}: view of {numel} elements (shape {shape:?}, stride {stride:?}) over a \
+             storage of {available}: more than {MAX_VIEW_EXPANSION}x its storage, refused"
+        );
     }
     let mut data = Vec::with_capacity(numel);
     let mut idx = vec![0usize; shape.len()];
@@ -765,8 +776,17 @@ mod tests {
             assert!(!e.contains('\n'), "{e}");
             e
         };
+        // A stride-0 broadcast of 10^9 elements over a 6-element storage: refused before
+        // the 8 GB allocation.
+        let mut p = Pickle::default();
+        p.op(0x80).op(2).op(b'}').op(b'(').str("w");
+        p.tensor("FloatStorage", "0", 0, &[1_000_000_000], &[0]);
+        p.op(b'u').op(b'.');
+        let broadcast = write_pt(dir.path(), "broadcast.pt", &p, &storages());
+        assert!(err(&broadcast).contains("more than 64x its storage"));
+
         let missing = dir.path().join("missing.pt");
-        assert!(err(&missing).contains("cannot open"));
+        assert!(err(&missing).contains("cannot read"));
 
         let text = dir.path().join("text.pt");
         std::fs::write(&text, "hello, this is not a checkpoint at all").unwrap();

@@ -39,13 +39,19 @@ pub struct Rotary {
     sin: Vec<f64>,
 }
 
+/// Positions a rotary table covers at most (the `[data] n_ctx` limit too).
+pub const MAX_ROTARY_POSITIONS: usize = 1 << 16;
+
 impl Rotary {
-    /// The rotation tables for positions `0 .. n_ctx`. `dims` must be even and positive.
+    /// The rotation tables for positions `0 .. n_ctx` (at most [`MAX_ROTARY_POSITIONS`]: a
+    /// config may claim any context length, the tables are what is allocated). `dims` must be
+    /// even and positive.
     pub fn new(dims: usize, base: f64, n_ctx: usize) -> Self {
         assert!(
             dims > 0 && dims.is_multiple_of(2),
             "rotary dims {dims} must be even"
         );
+        let n_ctx = n_ctx.min(MAX_ROTARY_POSITIONS);
         let half = dims / 2;
         let (mut cos, mut sin) = (vec![0.0; n_ctx * half], vec![0.0; n_ctx * half]);
         for s in 0..n_ctx {

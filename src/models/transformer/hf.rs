@@ -176,6 +176,9 @@ impl Family {
     }
 }
 
+/// Largest size a config may give (2^24: vocabularies reach 2^18, context lengths 2^20).
+const MAX_DIM: usize = 1 << 24;
+
 /// `config.json`, with one-line errors naming the file and the key. `null` counts as absent.
 struct Config<'a> {
     v: &'a Value,
@@ -190,8 +193,11 @@ impl Config<'_> {
     fn first<'k>(&self, keys: &[&'k str]) -> Option<(&'k str, &Value)> {
         keys.iter().find_map(|&k| self.get(k).map(|v| (k, v)))
     }
+    /// A positive integer of at most [`MAX_DIM`]: every size in a config (layers, heads, widths,
+    /// vocabulary, context) is far below it, and a larger one would only allocate or loop.
     fn usize_of(&self, key: &str, v: &Value) -> anyhow::Result<usize> {
-        v.as_u64()
+        let n = v
+            .as_u64()
             .filter(|&n| n > 0)
             .map(|n| n as usize)
             .with_context(|| {
@@ -199,7 +205,13 @@ impl Config<'_> {
                     "{}: config `{key}` = {v} is not a positive integer",
                     self.file
                 )
-            })
+            })?;
+        anyhow::ensure!(
+            n <= MAX_DIM,
+            "{}: config `{key}` = {n} is larger than any model's ({MAX_DIM} at most)",
+            self.file
+        );
+        Ok(n)
     }
     /// A positive integer under the first of `keys` present.
     fn usize(&self, keys: &[&str]) -> anyhow::Result<usize> {

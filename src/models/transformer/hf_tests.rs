@@ -875,6 +875,22 @@ fn loader_errors_are_one_line_naming_the_tensor_or_key() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("n_ctx"), "{e}");
+
+    // Sizes no model has, which would otherwise allocate or loop for hours.
+    for (ck, key) in [
+        (&gpt2, "n_layer"),
+        (&llama, "num_hidden_layers"),
+        (&llama, "head_dim"),
+        (&llama, "max_position_embeddings"),
+    ] {
+        let mut ck = ck.clone();
+        ck.config[key] = json!(1u64 << 31);
+        let e = load_err(&ck);
+        assert!(
+            e.contains(key) && e.contains("larger than any model"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
