@@ -2,21 +2,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
-
-fn ibasis(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ibasis"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run ibasis");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
 
 /// Runs a failing build and checks the error is one line mentioning `needle`, and no output.
 fn fails(config_text: &str, extra: &[&str], needle: &str, name: &str) {

@@ -97,3 +97,41 @@ pub fn random_transformer(
     put("unembed.b_U", vec![p], 0.1);
     t
 }
+
+/// Runs the `ibasis` binary from the repository root: (success, stdout, stderr).
+pub fn ibasis(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ibasis"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run ibasis");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A config of the modular-addition model at `model` (the shipped one:
+/// `assets/modadd/model.safetensors`) on its default data, with `node_layers` and further
+/// `[lib]` lines `lib`.
+pub fn modadd_config(model: &str, node_layers: &[&str], lib: &str) -> String {
+    let layers: Vec<String> = node_layers.iter().map(|l| format!("{l:?}")).collect();
+    format!(
+        r#"
+[model]
+kind = "transformer"
+path = "{model}"
+[model.options]
+last_pos_module_type = "add_resid1"
+[data]
+kind = "modular_arithmetic"
+modulus = 113
+[lib]
+node_layers = [{}]
+{lib}
+"#,
+        layers.join(", ")
+    )
+}

@@ -599,20 +599,6 @@ fn mnist_cards_show_directions_and_top_images() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn ibasis(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ibasis"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run ibasis");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 /// `ibasis explore` writes the page and one JSON per graph; bad input is one error line and
 /// no output.
 #[test]

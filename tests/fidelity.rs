@@ -5,38 +5,13 @@
 mod common;
 use common::*;
 use ibasis::algorithm::Graph;
-use std::process::Command;
 
-fn ibasis(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ibasis"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run ibasis");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-/// The shipped modular-addition model on 30% of the pairs; `LIB` is appended to `[lib]`.
+/// The shipped modular-addition model on 30% of the pairs; `lib` is appended to `[lib]`.
 fn modadd(lib: &str) -> String {
-    format!(
-        r#"
-[model]
-kind = "transformer"
-path = "assets/modadd/model.safetensors"
-[model.options]
-last_pos_module_type = "add_resid1"
-[data]
-kind = "modular_arithmetic"
-modulus = 113
-[lib]
-node_layers = ["ln2.0", "unembed"]
-{lib}
-"#
+    modadd_config(
+        "assets/modadd/model.safetensors",
+        &["ln2.0", "unembed"],
+        lib,
     )
 }
 

@@ -12,21 +12,7 @@ use std::time::{Duration, Instant};
 const SHIPPED: &str = "assets/modadd/model.safetensors";
 
 fn config(model: &str, extra_lib: &str) -> String {
-    format!(
-        r#"
-[model]
-kind = "transformer"
-path = "{model}"
-[model.options]
-last_pos_module_type = "add_resid1"
-[data]
-kind = "modular_arithmetic"
-modulus = 113
-[lib]
-node_layers = ["ln2.0", "unembed", "output"]
-{extra_lib}
-"#
-    )
+    modadd_config(model, &["ln2.0", "unembed", "output"], extra_lib)
 }
 
 /// Runs `ibasis build` on `config_text` (with a deadline: a hang fails the test) and checks the

@@ -9,20 +9,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The shipped model, two node layers, a few test pairs: a quick whole pipeline.
-const CONFIG: &str = r#"
-[model]
-kind = "transformer"
-path = "assets/modadd/model.safetensors"
-[model.options]
-last_pos_module_type = "add_resid1"
-[data]
-kind = "modular_arithmetic"
-modulus = 113
-[lib]
-node_layers = ["unembed", "output"]
-[experiments]
-eval_samples = 300
-"#;
+fn config() -> String {
+    modadd_config(
+        "assets/modadd/model.safetensors",
+        &["unembed", "output"],
+        "",
+    ) + "[experiments]\neval_samples = 300\n"
+}
 
 fn old_run(out: &Path) {
     std::fs::create_dir_all(out.join("lib")).unwrap();
@@ -53,7 +46,7 @@ fn a_finished_run_replaces_the_old_one_whole() {
     let dir = tmp("run-folder-ok");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let out = dir.join("out");
     old_run(&out);
     let o = ibasis_run(&cfg, &out).output().unwrap();
@@ -90,7 +83,7 @@ fn a_failed_run_leaves_the_old_one_as_it_was() {
     let cfg = dir.join("config.toml");
     std::fs::write(
         &cfg,
-        CONFIG.replace(
+        config().replace(
             "eval_samples = 300",
             "eval_samples = 300\nablate_node_layers = [\"ln9.9\"]",
         ),
@@ -118,7 +111,7 @@ fn a_killed_run_leaves_the_old_one_and_a_marked_partial_folder() {
     let dir = tmp("run-folder-kill");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let out = dir.join("out");
     old_run(&out);
     let mut child = ibasis_run(&cfg, &out).spawn().unwrap();

@@ -122,19 +122,9 @@ pub fn node_basis(
     let center = cfg.center && !is_output;
     let gram = moments.gram(center);
     let mut basis = NodeBasis {
-        name: layer.name.clone(),
-        d_orig,
-        pos: pos_in,
         mean: mean.clone(),
         gram: gram.clone(),
-        c: None,
-        c_pinv: None,
-        w: None,
-        w_pinv: None,
-        v: None,
-        lambda: vec![],
-        n_masked: 0,
-        has_constant: false,
+        ..NodeBasis::neuron(&layer.name, d_orig, pos_in)
     };
     if !cfg.rotates(l, layers.len()) {
         return Ok(basis);

@@ -35,6 +35,26 @@ pub struct NodeBasis {
 }
 
 impl NodeBasis {
+    /// Node layer `name` in neuron coordinates (no basis yet, nothing accumulated): the start
+    /// of a build's basis, and of stand-ins that set only the fields they need.
+    pub fn neuron(name: &str, d_orig: usize, pos: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            d_orig,
+            pos,
+            mean: Vec::new(),
+            gram: Mat::zeros(0, 0),
+            c: None,
+            c_pinv: None,
+            w: None,
+            w_pinv: None,
+            v: None,
+            lambda: Vec::new(),
+            n_masked: 0,
+            has_constant: false,
+        }
+    }
+
     /// LIB dimension (number of basis directions).
     pub fn d_lib(&self) -> usize {
         self.c.as_ref().map(|c| c.ncols()).unwrap_or(self.d_orig)

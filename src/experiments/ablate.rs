@@ -770,19 +770,10 @@ mod tests {
             None => (None, None),
         };
         NodeBasis {
-            name: name.into(),
-            d_orig,
-            pos: 1,
-            mean: vec![],
-            gram: Mat::zeros(0, 0),
             c,
             c_pinv,
-            w: None,
-            w_pinv: None,
-            v: None,
-            lambda: vec![],
-            n_masked: 0,
             has_constant,
+            ..NodeBasis::neuron(name, d_orig, 1)
         }
     }
 

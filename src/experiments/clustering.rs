@@ -305,19 +305,12 @@ mod tests {
     #[test]
     fn bisection_epsilon_is_the_smallest_kept_non_constant_edge() {
         let basis = |name: &str, d: usize| NodeBasis {
-            name: name.into(),
-            d_orig: d,
-            pos: 1,
-            mean: vec![0.0; d],
-            gram: Mat::zeros(0, 0),
             c: Some(Mat::identity(d, d)),
             c_pinv: Some(Mat::identity(d, d)),
-            w: None,
-            w_pinv: None,
-            v: None,
             lambda: vec![1.0; d],
             n_masked: 1,
             has_constant: true,
+            ..NodeBasis::neuron(name, d, 1)
         };
         let e = Mat::from_fn(3, 3, |i, j| (1 + 3 * i + j) as f64);
         let graph = Graph {

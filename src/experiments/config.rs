@@ -480,18 +480,6 @@ pub fn check_compatible(model: &Model, data: &dyn Dataset) -> anyhow::Result<()>
             );
         }
     }
-    // Class labels (not next-token targets) must be outputs of the model.
-    if !data.next_token_targets() && !data.is_empty() {
-        let classes = model.node_features(model.modules.len());
-        let n = data.len().min(1 << 16);
-        if let Some(bad) = data.labels(0..n).into_iter().find(|&l| l >= classes) {
-            bail!(
-                "data/model mismatch: {} has label {bad} but model {} has {classes} outputs",
-                data.describe(),
-                model.name
-            );
-        }
-    }
     match model.input {
         crate::models::InputKind::Features(d) if x.features() != d => bail!(
             "data/model mismatch: {} gives {} input features (bias included) but model {} expects {d}",
@@ -508,6 +496,18 @@ pub fn check_compatible(model: &Model, data: &dyn Dataset) -> anyhow::Result<()>
             }
         }
         _ => {}
+    }
+    // Class labels (not next-token targets) must be outputs of the model.
+    if !data.next_token_targets() && !data.is_empty() {
+        let classes = model.node_features(model.modules.len());
+        let n = data.len().min(1 << 16);
+        if let Some(bad) = data.labels(0..n).into_iter().find(|&l| l >= classes) {
+            bail!(
+                "data/model mismatch: {} has label {bad} but model {} has {classes} outputs",
+                data.describe(),
+                model.name
+            );
+        }
     }
     Ok(())
 }

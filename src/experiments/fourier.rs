@@ -631,19 +631,8 @@ mod tests {
         let basis = |name: &str, d_lib: Option<usize>, rng: &mut rand_chacha::ChaCha8Rng| {
             let d = model.node_features(model.node_index(name).unwrap());
             NodeBasis {
-                name: name.into(),
-                d_orig: d,
-                pos: 1,
-                mean: vec![],
-                gram: Mat::zeros(0, 0),
                 c: d_lib.map(|k| Mat::from_fn(d, k, |_, _| rng.random_range(-1.0..1.0))),
-                c_pinv: None,
-                w: None,
-                w_pinv: None,
-                v: None,
-                lambda: vec![],
-                n_masked: 0,
-                has_constant: false,
+                ..NodeBasis::neuron(name, d, 1)
             }
         };
         // Out of model order, and the neuron basis (no C).

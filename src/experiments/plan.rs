@@ -260,19 +260,11 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
             let stand_in = |rng: &mut ChaCha8Rng, l: usize| {
                 let (d, k) = (dims[l], kept[l]);
                 NodeBasis {
-                    name: layers[l].name.clone(),
-                    d_orig: d,
-                    pos: positions,
                     mean: vec![0.0; d],
-                    gram: Mat::zeros(0, 0),
                     c: Some(random(rng, d, k)),
                     c_pinv: Some(random(rng, k, d)),
-                    w: None,
-                    w_pinv: None,
-                    v: None,
                     lambda: vec![1.0; k],
-                    n_masked: 0,
-                    has_constant: false,
+                    ..NodeBasis::neuron(&layers[l].name, d, positions)
                 }
             };
             let (bi, bo) = (stand_in(&mut rng, l), stand_in(&mut rng, l + 1));
