@@ -49,21 +49,12 @@ fn main() -> anyhow::Result<()> {
     let bases: Vec<NodeBasis> = layers
         .iter()
         .map(|(name, d)| NodeBasis {
-            name: name.clone(),
-            d_orig: *d,
-            pos: 128,
-            mean: vec![],
-            gram: Mat::zeros(0, 0),
-            c: None,
-            c_pinv: None,
-            w: None,
-            w_pinv: None,
-            v: None,
             lambda: (0..*d)
                 .map(|j| (-(j as f64) / 150.0).exp() * (0.5 + uniform()))
                 .collect(),
             n_masked: 2,
             has_constant: true,
+            ..NodeBasis::neuron(name, *d, 128)
         })
         .collect();
     // Heavy-tailed edges: exp of a normal with sd 2 (Box-Muller), dense.

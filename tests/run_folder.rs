@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,17 @@ fn config() -> String {
     ) + "[experiments]\neval_samples = 300\n"
 }
 
-fn old_run(out: &Path) {
+/// A folder `name` holding `config.toml` (`config_text`) and an old run in `out/`: returns
+/// (folder, config, out).
+fn with_old_run(name: &str, config_text: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tmp(name);
+    let out = dir.join("out");
     std::fs::create_dir_all(out.join("lib")).unwrap();
     std::fs::write(out.join("OLD-RUN"), "the previous run").unwrap();
     std::fs::write(out.join("lib/graph.json"), "{}").unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, config_text).unwrap();
+    (dir, cfg, out)
 }
 
 fn leftovers(dir: &Path, out: &Path) -> Vec<String> {
@@ -43,12 +50,7 @@ fn ibasis_run(cfg: &Path, out: &Path) -> Command {
 
 #[test]
 fn a_finished_run_replaces_the_old_one_whole() {
-    let dir = tmp("run-folder-ok");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, config()).unwrap();
-    let out = dir.join("out");
-    old_run(&out);
+    let (dir, cfg, out) = with_old_run("run-folder-ok", &config());
     let o = ibasis_run(&cfg, &out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
@@ -77,20 +79,12 @@ fn a_finished_run_replaces_the_old_one_whole() {
 
 #[test]
 fn a_failed_run_leaves_the_old_one_as_it_was() {
-    let dir = tmp("run-folder-fail");
-    std::fs::create_dir_all(&dir).unwrap();
     // Refused once the staging folder exists: a node layer to ablate that the graph lacks.
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        config().replace(
-            "eval_samples = 300",
-            "eval_samples = 300\nablate_node_layers = [\"ln9.9\"]",
-        ),
-    )
-    .unwrap();
-    let out = dir.join("out");
-    old_run(&out);
+    let text = config().replace(
+        "eval_samples = 300",
+        "eval_samples = 300\nablate_node_layers = [\"ln9.9\"]",
+    );
+    let (dir, cfg, out) = with_old_run("run-folder-fail", &text);
     let o = ibasis_run(&cfg, &out).output().unwrap();
     assert!(!o.status.success());
     assert_eq!(
@@ -108,12 +102,7 @@ fn a_failed_run_leaves_the_old_one_as_it_was() {
 
 #[test]
 fn a_killed_run_leaves_the_old_one_and_a_marked_partial_folder() {
-    let dir = tmp("run-folder-kill");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, config()).unwrap();
-    let out = dir.join("out");
-    old_run(&out);
+    let (dir, cfg, out) = with_old_run("run-folder-kill", &config());
     let mut child = ibasis_run(&cfg, &out).spawn().unwrap();
     let partial = dir.join(format!("out.partial-{}", child.id()));
     // Kill it once the new run has written its first graph.
