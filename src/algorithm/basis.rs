@@ -316,7 +316,7 @@ pub(crate) fn metric_method<'a>(
     match classify(modules) {
         Shape::Linear(w) => MetricMethod::Linear(w),
         Shape::Dense { w1, act, w2 } => MetricMethod::Dense { w1, act, w2 },
-        Shape::General => MetricMethod::Vjp,
+        Shape::Gated { .. } | Shape::General => MetricMethod::Vjp,
     }
 }
 

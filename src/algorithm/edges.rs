@@ -9,11 +9,11 @@ use super::attention::{attention_section, AttentionSection};
 use super::pass::data_positions;
 use super::pass::{activations_at, fold};
 use super::section::{classify, PartialAct, Shape};
-use super::{EdgeFormula, LibConfig, NodeBasis, NodeLayer};
+use super::{ComputeDtype, EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Activation, Model, Module, Section, Structure};
-use crate::tensor::linalg::{gemm, mm};
-use crate::tensor::simd::{add_squared_product, scaled_copy};
+use crate::tensor::linalg::{cast, gemm, gemm_in, mm, Real};
+use crate::tensor::simd::add_squared_product;
 use crate::tensor::Batch;
 use faer::Mat;
 use rand::{Rng, SeedableRng};
@@ -36,44 +36,75 @@ pub fn edges(
 ) -> anyhow::Result<Mat<f64>> {
     let (from, to) = (layers[l].index, layers[l + 1].index);
     let d_in = basis_in.d_orig;
-    let c = basis_in
-        .c
-        .clone()
-        .unwrap_or_else(|| Mat::identity(d_in, d_in));
-    let c_pinv = basis_in
-        .c_pinv
-        .clone()
-        .unwrap_or_else(|| Mat::identity(d_in, d_in));
-    let q = basis_out
-        .c
-        .clone()
-        .unwrap_or_else(|| Mat::identity(basis_out.d_orig, basis_out.d_orig));
-    let label = format!("edges from {}", layers[l].name);
-    let name = &layers[l].name;
-    Ok(match edge_method(model, cfg, from, to, q.ncols()) {
+    let ctx = EdgeSection {
+        model,
+        data,
+        cfg,
+        l,
+        from,
+        to,
+        name: &layers[l].name,
+        c: basis_in
+            .c
+            .clone()
+            .unwrap_or_else(|| Mat::identity(d_in, d_in)),
+        c_pinv: basis_in
+            .c_pinv
+            .clone()
+            .unwrap_or_else(|| Mat::identity(d_in, d_in)),
+        q: basis_out
+            .c
+            .clone()
+            .unwrap_or_else(|| Mat::identity(basis_out.d_orig, basis_out.d_orig)),
+        points,
+    };
+    Ok(match edge_method(model, cfg, from, to, ctx.q.ncols()) {
         EdgeMethod::Attention(att) => att.edges(
             model,
             data,
             from,
-            &c,
-            &c_pinv,
-            &q,
+            &ctx.c,
+            &ctx.c_pinv,
+            &ctx.q,
             points,
             cfg.batch_size,
-            &label,
+            &ctx.label(),
         ),
-        EdgeMethod::Norm(norm) => {
-            norm_edges(model, data, cfg, from, &c, &c_pinv, &q, norm, points, name)
-        }
-        EdgeMethod::Linear(w) => linear_edges(model, data, cfg, from, &c, &c_pinv, &w, &q, name),
-        EdgeMethod::Pairs { w1, act, w2 } => dense_edges(
-            model, data, cfg, from, &c, &c_pinv, &w1, act, &w2, &q, points, name,
-        ),
-        EdgeMethod::ActiveRelu { w1, act, w2 } => relu_edges(
-            model, data, cfg, from, &c, &c_pinv, &w1, act, &w2, &q, points, name,
-        ),
-        EdgeMethod::Jvp => jvp_edges(model, data, cfg, layers, l, &c, &c_pinv, &q, points),
+        EdgeMethod::Norm(norm) => norm_edges(&ctx, norm),
+        EdgeMethod::Linear(w) => linear_edges(&ctx, &w),
+        EdgeMethod::Pairs { w1, act, w2 } => dense_edges(&ctx, &w1, act, &w2),
+        EdgeMethod::PerRow { w1, act, w2, gated } => per_row_edges(&ctx, &w1, act, &w2, gated),
+        EdgeMethod::Jvp => jvp_edges(&ctx),
     })
+}
+
+/// One section's edge computation: the section `from -> to` (node layers `l` and `l + 1`),
+/// the data and settings, and the bases either side: `c` / `c_pinv` of the input node layer
+/// (identities where it has none) and `q`, the output node layer's `C`.
+pub(crate) struct EdgeSection<'a> {
+    model: &'a Model,
+    data: &'a dyn Dataset,
+    cfg: &'a LibConfig,
+    l: usize,
+    from: usize,
+    to: usize,
+    name: &'a str,
+    c: Mat<f64>,
+    c_pinv: Mat<f64>,
+    q: Mat<f64>,
+    points: &'a [(f64, f64)],
+}
+
+impl EdgeSection<'_> {
+    /// The progress bar's label.
+    fn label(&self) -> String {
+        format!("edges from {}", self.name)
+    }
+
+    /// Activations at the input node layer of samples `range`.
+    fn activations(&self, range: std::ops::Range<usize>) -> Batch {
+        activations_at(self.model, self.data, self.from, range)
+    }
 }
 
 /// How the edges of the section `from -> to` are computed (method.md sections 5 and 11): the
@@ -91,11 +122,14 @@ pub(crate) enum EdgeMethod<'a> {
         act: PartialAct,
         w2: Mat<f64>,
     },
-    /// `relu(x W1) W2` with many hidden units: per-sample products over the active units.
-    ActiveRelu {
+    /// `act(x W1) W2` with many hidden units, or a gated unit (SwiGLU): the Jacobian of each
+    /// row (sample and position) as one product over the hidden units (over the active ones
+    /// only for a ReLU).
+    PerRow {
         w1: Mat<f64>,
         act: PartialAct,
         w2: Mat<f64>,
+        gated: bool,
     },
     /// The general path: one JVP per input feature.
     Jvp,
@@ -131,12 +165,23 @@ pub(crate) fn edge_method<'a>(
         // K ~ 4 d_out (MNIST's layers.1 -> layers.2: K = 101, d_out = 28); a wide MLP beside
         // the residual stream (K = 642, d_out = 110) goes by JVP.
         Shape::Dense { w1, act, w2 } if w1.ncols() < 4 * n_out => EdgeMethod::Pairs { w1, act, w2 },
-        // ReLU zeroes about half the units per sample: per-sample products over the active
-        // units only (method.md section 11's sparsity) beat a dense JVP.
-        Shape::Dense { w1, act, w2 } if act.act == Activation::Relu => {
-            EdgeMethod::ActiveRelu { w1, act, w2 }
-        }
-        Shape::Dense { .. } | Shape::General => EdgeMethod::Jvp,
+        // Per row (sample and position) the Jacobian is `F0 + A diag(dbar) B` (method.md
+        // section 11): `2 n_in K n_out` FLOPs in one GEMM, against `2 n_in (K + carried)
+        // n_out` and a pass through the modules for the JVPs; a ReLU needs only its active
+        // units.
+        Shape::Dense { w1, act, w2 } => EdgeMethod::PerRow {
+            w1,
+            act,
+            w2,
+            gated: false,
+        },
+        Shape::Gated { w1, act, w2 } => EdgeMethod::PerRow {
+            w1,
+            act,
+            w2,
+            gated: true,
+        },
+        Shape::General => EdgeMethod::Jvp,
     }
 }
 
@@ -156,8 +201,13 @@ pub fn edge_path(
         EdgeMethod::Norm(_) => "closed form, layer-norm section".into(),
         EdgeMethod::Linear(_) => "closed form, linear section".into(),
         EdgeMethod::Pairs { .. } => "closed form, pair statistics".into(),
-        EdgeMethod::ActiveRelu { .. } => {
-            format!("per-sample products over the active ReLU units, {n_in} features")
+        EdgeMethod::PerRow { act, gated, .. } => {
+            let what = match (gated, act.act) {
+                (true, _) => "gated units",
+                (false, Activation::Relu) => "active ReLU units",
+                (false, _) => "hidden units",
+            };
+            format!("per-row Jacobian products over the {what}, {n_in} features")
         }
         EdgeMethod::Jvp => format!("JVP, {n_in} tangents per sample"),
     }
@@ -231,19 +281,9 @@ fn norm_section(modules: &[Box<dyn Module>]) -> Option<Norm> {
 ///   `vbar_t = (sum_p w_p a_p beta(a_p var_t)) Q_y^T c_t`.
 ///
 /// Squaring and summing over `t` leaves per-feature sums and three `n_in x n_out` GEMMs.
-#[allow(clippy::too_many_arguments)]
-fn norm_edges(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    from: usize,
-    c: &Mat<f64>,
-    c_pinv: &Mat<f64>,
-    q: &Mat<f64>,
-    norm: Norm,
-    points: &[(f64, f64)],
-    name: &str,
-) -> Mat<f64> {
+fn norm_edges(ctx: &EdgeSection, norm: Norm) -> Mat<f64> {
+    let (data, cfg) = (ctx.data, ctx.cfg);
+    let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
     let (d_in, n_in, n_out) = (c.nrows(), c.ncols(), q.ncols());
     let kappa: f64 = points.iter().map(|&(a, w)| a * w).sum();
     // Columns of the residual's non-bias coordinates in the input, and of `y` in the output.
@@ -308,10 +348,10 @@ fn norm_edges(
     let acc = fold(
         data,
         cfg.batch_size,
-        &format!("edges from {name}"),
+        &ctx.label(),
         init,
         |acc, _, range| {
-            let f = activations_at(model, data, from, range);
+            let f = ctx.activations(range);
             let rows = f.rows();
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
@@ -419,21 +459,15 @@ fn squared(fhat: &Mat<f64>) -> Mat<f64> {
 }
 
 /// Sum over rows of `fhat^2`, per feature, and the row count.
-fn feature_power(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    from: usize,
-    c: &Mat<f64>,
-    label: &str,
-) -> (Vec<f64>, f64) {
+fn feature_power(ctx: &EdgeSection) -> (Vec<f64>, f64) {
+    let c = &ctx.c;
     fold(
-        data,
-        cfg.batch_size,
-        label,
+        ctx.data,
+        ctx.cfg.batch_size,
+        &ctx.label(),
         || (vec![0.0; c.ncols()], 0.0),
         |acc, _, range| {
-            let f = activations_at(model, data, from, range);
+            let f = ctx.activations(range);
             let fhat = mm(f.data.as_ref(), c.as_ref());
             for j in 0..fhat.ncols() {
                 acc.0[j] += fhat.col(j).iter().map(|v| v * v).sum::<f64>();
@@ -450,20 +484,10 @@ fn feature_power(
 }
 
 /// A linear section has a constant Jacobian `T = C_pinv W Q`: `E_ij = E[fhat_j^2] T_ji^2`.
-#[allow(clippy::too_many_arguments)]
-fn linear_edges(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    from: usize,
-    c: &Mat<f64>,
-    c_pinv: &Mat<f64>,
-    w: &Mat<f64>,
-    q: &Mat<f64>,
-    name: &str,
-) -> Mat<f64> {
+fn linear_edges(ctx: &EdgeSection, w: &Mat<f64>) -> Mat<f64> {
+    let (c, c_pinv, q) = (&ctx.c, &ctx.c_pinv, &ctx.q);
     let t = mm(mm(c_pinv.as_ref(), w.as_ref()).as_ref(), q.as_ref());
-    let (power, rows) = feature_power(model, data, cfg, from, c, &format!("edges from {name}"));
+    let (power, rows) = feature_power(ctx);
     Mat::from_fn(q.ncols(), c.ncols(), |i, j| {
         power[j] / rows * t[(j, i)] * t[(j, i)]
     })
@@ -473,21 +497,9 @@ fn linear_edges(
 /// `B = W2 Q`, `dbar = sum_p w_p act'(a_p z)`. Squaring and summing over samples,
 /// `E_ij = sum_{k,k'} A_jk A_jk' B_ki B_k'i S_j[k,k']` with `S_j = E[fhat_j^2 dbar dbar^T]`,
 /// accumulated as one GEMM per batch: half the FLOPs of a JVP per feature.
-#[allow(clippy::too_many_arguments)]
-fn dense_edges(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    from: usize,
-    c: &Mat<f64>,
-    c_pinv: &Mat<f64>,
-    w1: &Mat<f64>,
-    act: PartialAct,
-    w2: &Mat<f64>,
-    q: &Mat<f64>,
-    points: &[(f64, f64)],
-    name: &str,
-) -> Mat<f64> {
+fn dense_edges(ctx: &EdgeSection, w1: &Mat<f64>, act: PartialAct, w2: &Mat<f64>) -> Mat<f64> {
+    let (data, cfg) = (ctx.data, ctx.cfg);
+    let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
     let k = w1.ncols();
     let pairs: Vec<(usize, usize)> = (0..k).flat_map(|a| (a..k).map(move |b| (a, b))).collect();
     let n_lib = c.ncols();
@@ -498,10 +510,10 @@ fn dense_edges(
     let (s, rows) = fold(
         data,
         batch,
-        &format!("edges from {name}"),
+        &ctx.label(),
         || (Mat::<f64>::zeros(n_lib, pairs.len()), 0.0f64),
         |acc, _, range| {
-            let f = activations_at(model, data, from, range);
+            let f = ctx.activations(range);
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let z = mm(fhat.as_ref(), proj_w1.as_ref());
             let dbar = act.integrated_derivative(&z, points);
@@ -537,39 +549,59 @@ fn dense_edges(
     e
 }
 
-/// `act(x W1) W2` with a ReLU: per row (sample and position, the section acting on each
-/// position alone) the bracket is `fhat_j (F0 + A_S diag(dbar_S) B_S)_ji` with `A = C_pinv W1`,
-/// `B = W2 Q`, `F0 = A_L B_L` over the identity columns `L` (the carried residual), and `S` the
-/// units with `dbar != 0`: one `n_in x |S| x n_out` product per row instead of one over all
-/// `K` units (or over the inactive ones, when they are fewer).
-#[allow(clippy::too_many_arguments)]
-fn relu_edges(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    from: usize,
-    c: &Mat<f64>,
-    c_pinv: &Mat<f64>,
+/// Squared edges of `act(x W1) W2` or a gated unit from each row's Jacobian (method.md
+/// section 11). The section acts on each position alone, so per row (sample and position) the
+/// bracket is `fhat_j Tbar_ji` with `Tbar = F0 + A_t B`, `F0 = A_L B_L` over the carried
+/// features `L`, `B = W2 Q` over the hidden units, and
+/// - `act(x W1)`: `A_t = A diag(dbar_t)`, `A = C_pinv W1`, `dbar = sum_p w_p act'(a_p z)`;
+///   for a ReLU only the units with `dbar != 0` (or, when more than half are active and all
+///   active ones equal `sum_p w_p`, the inactive ones subtracted from the full product);
+/// - gated, `h = act(g) u`: `A_t = A_g diag(alpha_t) + A_u diag(beta_t)` with
+///   `alpha = sum_p w_p act'(a_p g) a_p u` and `beta = sum_p w_p act(a_p g)`: the JVP
+///   `dh = act'(g) u dg + act(g) du` summed over the integration points.
+///
+/// FLOPs per row: one `n_in x |S| x n_out` GEMM (`|S|` the units multiplied), against
+/// `n_in (|S| + |L|) n_out` for the JVPs plus their pass through the modules. For SmolLM2's
+/// `mlp_in -> ln1` (`n_in` 1153, 1536 units, `n_out` 577): 2.0 GFLOP per row, 16.7 TFLOP for
+/// 64 x 128 tokens. `compute_dtype = "f32"` runs the GEMM in f32 and sums its squares in f64.
+fn per_row_edges(
+    ctx: &EdgeSection,
     w1: &Mat<f64>,
     act: PartialAct,
     w2: &Mat<f64>,
-    q: &Mat<f64>,
-    points: &[(f64, f64)],
-    name: &str,
+    gated: bool,
 ) -> Mat<f64> {
-    let (n_in, n_out, k) = (c.ncols(), q.ncols(), w1.ncols());
-    let width = act.width.min(k);
+    match ctx.cfg.compute_dtype {
+        ComputeDtype::F64 => per_row_edges_in::<f64>(ctx, w1, act, w2, gated),
+        ComputeDtype::F32 => per_row_edges_in::<f32>(ctx, w1, act, w2, gated),
+    }
+}
+
+fn per_row_edges_in<T: Real>(
+    ctx: &EdgeSection,
+    w1: &Mat<f64>,
+    act: PartialAct,
+    w2: &Mat<f64>,
+    gated: bool,
+) -> Mat<f64> {
+    let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
+    let (n_in, n_out) = (c.ncols(), q.ncols());
+    // Units with a nonlinearity, and the columns of `W1` they read (gates and ups when gated).
+    let width = act.width.min(w2.nrows());
+    let pre = if gated { 2 * width } else { width };
     let a = mm(c_pinv.as_ref(), w1.as_ref());
     let bt = mm(w2.as_ref(), q.as_ref()).transpose().to_owned();
+    let carried = w2.nrows() - width;
     let f0 = mm(
-        a.subcols(width, k - width),
-        bt.subcols(width, k - width).transpose(),
+        a.subcols(pre, carried),
+        bt.subcols(width, carried).transpose(),
     );
+    let relu = !gated && act.act == Activation::Relu;
     // With every nonzero dbar equal (ReLU at positive integration points: dbar = sum_p w_p
     // on the active units), a row with more than half its units active is cheaper as
     // `wsum (A B)_act-part minus the inactive units`: `F1 = F0 + wsum A_act B_act`.
     let wsum: f64 = points.iter().map(|p| p.1).sum();
-    let f1 = {
+    let f1 = relu.then(|| {
         let mut f1 = f0.clone();
         gemm(
             f1.as_mut(),
@@ -577,52 +609,94 @@ fn relu_edges(
             a.subcols(0, width),
             (bt.subcols(0, width) * faer::Scale(wsum)).transpose(),
         );
-        f1
-    };
+        cast::<T>(f1.as_ref())
+    });
+    let (a_t, bt_t, f0_t) = (
+        cast::<T>(a.as_ref()),
+        cast::<T>(bt.as_ref()),
+        cast::<T>(f0.as_ref()),
+    );
+    // A row costs ~2 n_in width n_out FLOPs: about a thousand rows per task keep both cores
+    // busy on 64 language-model samples of 128 positions, and leave one-position batches whole.
+    let pos = data_positions(ctx.model, ctx.data, ctx.from);
+    let batch = ctx.cfg.batch_size.min((1024 / pos).max(1));
     let (et, rows) = fold(
-        data,
-        cfg.batch_size,
-        &format!("edges from {name}"),
+        ctx.data,
+        batch,
+        &ctx.label(),
         || (Mat::<f64>::zeros(n_in, n_out), 0.0f64),
         |acc, _, range| {
-            let f = activations_at(model, data, from, range);
+            let f = ctx.activations(range);
             let fhat = mm(f.data.as_ref(), c.as_ref());
-            let z = mm(fhat.as_ref(), a.subcols(0, width));
-            let dbar = act.integrated_derivative(&z, points);
-            let dbar_t = dbar.transpose().to_owned();
+            let z = mm(fhat.as_ref(), a.subcols(0, pre));
+            // Per row, each unit's coefficient (gated: alpha for A_g, then beta for A_u).
+            let coef = if gated {
+                gated_coefficients(&z, act, points)
+            } else {
+                act.integrated_derivative(&z, points)
+            };
+            let coef_t = coef.transpose().to_owned();
             let fhat_t = fhat.transpose().to_owned();
-            let mut a_s = Mat::<f64>::zeros(n_in, width);
-            let mut b_s = Mat::<f64>::zeros(n_out, width);
-            let mut h = Mat::<f64>::zeros(n_in, n_out);
+            let mut a_s = Mat::<T>::zeros(n_in, width);
+            let mut b_s = Mat::<T>::zeros(n_out, width);
+            let mut h = Mat::<T>::zeros(n_in, n_out);
+            let mut h64 = vec![0.0; n_in];
             for row in 0..fhat.nrows() {
-                let d = dbar_t.col_as_slice(row);
-                let active = d.iter().filter(|&&v| v != 0.0).count();
-                let uniform = d.iter().all(|&v| v == 0.0 || v == wsum);
-                // Units to multiply, each with its coefficient: the active ones (dbar), or the
-                // inactive ones (-wsum) from F1.
-                let complement = uniform && 2 * active > width;
+                let d = coef_t.col_as_slice(row);
                 let mut m = 0;
-                for (unit, &dv) in d.iter().enumerate() {
-                    let coef = match (complement, dv != 0.0) {
-                        (false, true) => dv,
-                        (true, false) => -wsum,
-                        _ => continue,
-                    };
-                    scaled_copy(a_s.col_as_slice_mut(m), coef, a.col_as_slice(unit));
-                    b_s.col_as_slice_mut(m)
-                        .copy_from_slice(bt.col_as_slice(unit));
-                    m += 1;
+                let mut complement = false;
+                if gated {
+                    for unit in 0..width {
+                        let (al, be) = (T::of(d[unit]), T::of(d[width + unit]));
+                        let (ag, au) = (a_t.col(unit), a_t.col(width + unit));
+                        let out = a_s.col_mut(unit);
+                        for ((o, &g), &u) in out.iter_mut().zip(ag.iter()).zip(au.iter()) {
+                            *o = al * g + be * u;
+                        }
+                    }
+                    m = width;
+                } else {
+                    let active = d.iter().filter(|&&v| v != 0.0).count();
+                    let uniform = d.iter().all(|&v| v == 0.0 || v == wsum);
+                    // Units to multiply, each with its coefficient: the active ones (dbar), or
+                    // the inactive ones (-wsum) from F1.
+                    complement = relu && uniform && 2 * active > width;
+                    for (unit, &dv) in d.iter().enumerate() {
+                        let coef = match (complement, dv != 0.0) {
+                            (false, true) => dv,
+                            (true, false) => -wsum,
+                            _ => continue,
+                        };
+                        let coef = T::of(coef);
+                        let out = a_s.col_mut(m);
+                        for (o, &v) in out.iter_mut().zip(a_t.col(unit).iter()) {
+                            *o = coef * v;
+                        }
+                        b_s.col_mut(m).copy_from(bt_t.col(unit));
+                        m += 1;
+                    }
                 }
-                h.copy_from(if complement { &f1 } else { &f0 });
-                gemm(
+                let b_units = if gated {
+                    bt_t.subcols(0, width)
+                } else {
+                    b_s.subcols(0, m)
+                };
+                h.copy_from(match (&f1, complement) {
+                    (Some(f1), true) => f1,
+                    _ => &f0_t,
+                });
+                gemm_in(
                     h.as_mut(),
                     faer::Accum::Add,
                     a_s.subcols(0, m),
-                    b_s.subcols(0, m).transpose(),
+                    b_units.transpose(),
                 );
                 let fr = fhat_t.col_as_slice(row);
                 for i in 0..n_out {
-                    add_squared_product(acc.0.col_as_slice_mut(i), h.col_as_slice(i), fr);
+                    for (o, v) in h64.iter_mut().zip(h.col(i).iter()) {
+                        *o = v.f64();
+                    }
+                    add_squared_product(acc.0.col_as_slice_mut(i), &h64, fr);
                 }
             }
             acc.1 += f.rows() as f64;
@@ -632,20 +706,31 @@ fn relu_edges(
     et.transpose().to_owned() * faer::Scale(1.0 / rows)
 }
 
+/// Per row of the gated unit's pre-activations `z = (g, u, ..)`, the integrated coefficients
+/// `(alpha, beta)` of its JVP (see [`per_row_edges`]).
+fn gated_coefficients(z: &Mat<f64>, act: PartialAct, points: &[(f64, f64)]) -> Mat<f64> {
+    let width = act.width;
+    let mut coef = Mat::<f64>::zeros(z.nrows(), 2 * width);
+    for k in 0..width {
+        let (g, u) = (z.col_as_slice(k), z.col_as_slice(width + k));
+        for r in 0..z.nrows() {
+            let (mut alpha, mut beta) = (0.0, 0.0);
+            for &(a, w) in points {
+                alpha += w * act.act.derivative(a * g[r]) * a * u[r];
+                beta += w * act.act.apply(a * g[r]);
+            }
+            coef[(r, k)] = alpha;
+            coef[(r, width + k)] = beta;
+        }
+    }
+    coef
+}
+
 /// The general path: one batched JVP per input feature at every integration point.
-#[allow(clippy::too_many_arguments)]
-fn jvp_edges(
-    model: &Model,
-    data: &dyn Dataset,
-    cfg: &LibConfig,
-    layers: &[NodeLayer],
-    l: usize,
-    c: &Mat<f64>,
-    c_pinv: &Mat<f64>,
-    q: &Mat<f64>,
-    points: &[(f64, f64)],
-) -> Mat<f64> {
-    let (from, to) = (layers[l].index, layers[l + 1].index);
+fn jvp_edges(ctx: &EdgeSection) -> Mat<f64> {
+    let (model, data, cfg, l) = (ctx.model, ctx.data, ctx.cfg, ctx.l);
+    let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
+    let (from, to) = (ctx.from, ctx.to);
     let section = model.section(from, to);
     let d_in = c.nrows();
     let n_lib = c.ncols();
@@ -681,6 +766,26 @@ fn jvp_edges(
         );
         mm(w.data.as_ref(), q.as_ref())
     };
+    // The projection of the JVPs onto the next basis is most of this path's FLOPs (SmolLM2's
+    // attention: 2 x 1153 x 577 per tangent row against ~600 in the attention's own JVP):
+    // in f32 with `compute_dtype = "f32"`, the bracket still summed and squared in f64.
+    let sq32 = (cfg.compute_dtype == ComputeDtype::F32).then(|| cast::<f32>(sq.as_ref()));
+    let project = |t: &Mat<f64>| -> Mat<f64> {
+        match &sq32 {
+            None => mm(t.as_ref(), sq.as_ref()),
+            Some(sq32) => {
+                let t32 = cast::<f32>(t.as_ref());
+                let mut out = Mat::<f32>::zeros(t.nrows(), sq32.ncols());
+                gemm_in(
+                    out.as_mut(),
+                    faer::Accum::Replace,
+                    t32.as_ref(),
+                    sq32.as_ref(),
+                );
+                Mat::from_fn(out.nrows(), out.ncols(), |i, j| out[(i, j)] as f64)
+            }
+        }
+    };
     // Tangents per block: one sample's tangents for every input feature can be far too many
     // for memory (SmolLM2: 1154 features x 128 positions x 3651 features = 4 GB), so they go
     // through the section in blocks of at most TANGENT_NUMBERS numbers.
@@ -689,10 +794,10 @@ fn jvp_edges(
     let (e, rows) = fold(
         data,
         batch,
-        &format!("edges from {}", layers[l].name),
+        &ctx.label(),
         || (Mat::<f64>::zeros(n_out, n_lib), 0.0f64),
         |acc, chunk, range| {
-            let f = activations_at(model, data, from, range);
+            let f = ctx.activations(range);
             let n = f.n;
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
@@ -742,7 +847,7 @@ fn jvp_edges(
                 let mut bracket = Mat::<f64>::zeros(n * nb * pos_out, n_out);
                 for (w, y, caches) in &forwards {
                     let t = mid.jvp(&caches[k..k + m], &tangent);
-                    let out = mm(t.data.as_ref(), sq.as_ref());
+                    let out = project(&t.data);
                     match &y_full {
                         None => bracket += faer::Scale(*w) * &out,
                         Some(yf) => {

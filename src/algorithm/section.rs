@@ -1,6 +1,6 @@
 //! Recognising sections with analytic structure (method.md section 11): a per-position linear
-//! map, or a single elementwise nonlinearity between linear maps. Those get closed-form bases
-//! and edges; everything else goes through batched VJPs and JVPs.
+//! map, or a single elementwise (or gated) nonlinearity between linear maps. Those get
+//! closed-form bases and edges; everything else goes through batched VJPs and JVPs.
 
 use crate::models::{Activation, Module, Structure};
 use crate::tensor::linalg::mm;
@@ -12,6 +12,14 @@ pub enum Shape {
     /// `y = act(x W1) W2` at every position, `act` acting on the first `act.width` columns of
     /// `x W1` (the identity on the rest).
     Dense {
+        w1: Mat<f64>,
+        act: PartialAct,
+        w2: Mat<f64>,
+    },
+    /// `y = (act(x W1_g) * (x W1_u), x W1_x) W2` at every position (SwiGLU beside the carried
+    /// residual): `W1`'s columns are `act.width` gates, `act.width` ups, then the carried
+    /// features; `W2`'s rows are the `act.width` gated units, then the carried features.
+    Gated {
         w1: Mat<f64>,
         act: PartialAct,
         w2: Mat<f64>,
@@ -47,6 +55,7 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
     let mut pre: Option<Mat<f64>> = None;
     let mut dense: Option<(Mat<f64>, PartialAct)> = None;
     let mut post: Option<Mat<f64>> = None;
+    let mut gated = false;
     let chain = |acc: Option<Mat<f64>>, w: faer::MatRef<'_, f64>| match acc {
         None => w.to_owned(),
         Some(a) => mm(a.as_ref(), w),
@@ -84,6 +93,16 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                     .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
                 dense = Some((w, PartialAct { act, width }));
             }
+            Structure::Gated { act, width } => {
+                if dense.is_some() {
+                    return Shape::General;
+                }
+                let w = pre
+                    .take()
+                    .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
+                dense = Some((w, PartialAct { act, width }));
+                gated = true;
+            }
             Structure::NormVar { .. }
             | Structure::NormOut { .. }
             | Structure::Attention(_)
@@ -92,6 +111,11 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
     }
     match (pre, dense) {
         (Some(w), None) => Shape::Linear(w),
+        (None, Some((w1, act))) if gated => {
+            let width = w1.ncols() - act.width;
+            let w2 = post.unwrap_or_else(|| Mat::identity(width, width));
+            Shape::Gated { w1, act, w2 }
+        }
         (None, Some((w1, act))) => {
             let w2 = post.unwrap_or_else(|| Mat::identity(w1.ncols(), w1.ncols()));
             Shape::Dense { w1, act, w2 }

@@ -41,6 +41,9 @@ pub enum Structure<'a> {
     /// `y_k = act(x_k)` for the first `width` features, `y_k = x_k` for the rest, at every
     /// position (an MLP activation carrying the residual stream alongside).
     Elementwise { act: Activation, width: usize },
+    /// A gated unit (SwiGLU) at every position: input `(g, u, x)` (`width` gate and `width` up
+    /// pre-activations, then carried features), output `(act(g) * u, x)`.
+    Gated { act: Activation, width: usize },
     /// `lnX` (method.md section 9): input `(c, x)` (`carried` side-stream features, then the
     /// residual `x` of `width` features, bias last), output `(var, c, x)`, where
     /// `var = 1/D sum_{i<D} c_i^2` of the centred (`centre`) or raw non-bias coordinates.

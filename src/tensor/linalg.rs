@@ -137,6 +137,44 @@ pub fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
     m
 }
 
+/// A precision the Jacobian and tangent products may run in (`[lib] compute_dtype`, f64 by
+/// default): the sums they feed (Grams, `M'`, edges) and every eigendecomposition stay f64.
+pub trait Real:
+    faer::traits::RealField + faer::traits::Conjugate<Canonical = Self> + Copy + Send + Sync
+{
+    fn of(x: f64) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+/// [`gemm`] in precision `T`, counted.
+pub fn gemm_in<T: Real>(dst: MatMut<'_, T>, accum: Accum, a: MatRef<'_, T>, b: MatRef<'_, T>) {
+    count(2 * a.nrows() * a.ncols() * b.ncols());
+    faer::linalg::matmul::matmul(dst, accum, a, b, T::of(1.0), Par::Seq);
+}
+
+/// `m` rounded to precision `T`.
+pub fn cast<T: Real>(m: MatRef<'_, f64>) -> Mat<T> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| T::of(m[(i, j)]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

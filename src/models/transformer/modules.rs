@@ -866,7 +866,10 @@ impl Module for MlpAct {
 
     fn structure(&self) -> Structure<'_> {
         if self.gated {
-            Structure::General
+            Structure::Gated {
+                act: self.act,
+                width: self.width,
+            }
         } else {
             Structure::Elementwise {
                 act: self.act,
