@@ -133,3 +133,70 @@ pub fn materialise(m: &dyn Module) -> Mat<f64> {
     let t = crate::tensor::Batch::new(1, d, 1, Mat::identity(d, d));
     m.jvp(&cache, &t).data
 }
+
+/// A norm in front of a per-position MLP: `lnX -> lnX_out` (keeping the residual, no affine
+/// weights of its own), then `act(y W1) W2` or a gated unit, where `y` is the normalised
+/// residual (method.md section 9's two halves of a layer norm or RMS norm).
+#[derive(Clone, Copy, Debug)]
+pub struct NormPrefix {
+    /// Side-stream features before the residual.
+    pub carried: usize,
+    /// `R`, the residual with its bias coordinate last.
+    pub width: usize,
+    pub centre: bool,
+    pub eps: f64,
+}
+
+/// Recognises `norm -> MLP` sections: the two norm halves, then modules [`classify`] reads as
+/// dense or gated, whose first linear map reads the residual streams only through its
+/// pass-through columns (so the carried part of the Jacobian is the same on every row).
+pub fn norm_mlp(modules: &[Box<dyn Module>]) -> Option<(NormPrefix, Shape)> {
+    let active: Vec<usize> = (0..modules.len())
+        .filter(|&i| !modules[i].is_identity())
+        .collect();
+    let (&first, &second) = (active.first()?, active.get(1)?);
+    let Structure::NormVar {
+        carried,
+        width,
+        centre,
+    } = modules[first].structure()
+    else {
+        return None;
+    };
+    let Structure::NormOut {
+        carried: c2,
+        width: w2,
+        centre: ce2,
+        eps,
+        keep_resid: true,
+    } = modules[second].structure()
+    else {
+        return None;
+    };
+    if (c2, w2, ce2) != (carried, width, centre) {
+        return None;
+    }
+    let shape = classify(&modules[second + 1..]);
+    let (w1, pre) = match &shape {
+        Shape::Dense { w1, act, .. } => (w1, act.width),
+        Shape::Gated { w1, act, .. } => (w1, 2 * act.width),
+        _ => return None,
+    };
+    // `W1`'s rows: `y` (R), then the carried streams and the residual; the unit columns first.
+    if w1.nrows() != 2 * width + carried || w1.ncols() < pre {
+        return None;
+    }
+    let y_reads_carried = (0..width - 1).any(|i| (pre..w1.ncols()).any(|j| w1[(i, j)] != 0.0));
+    if y_reads_carried {
+        return None;
+    }
+    Some((
+        NormPrefix {
+            carried,
+            width,
+            centre,
+            eps,
+        },
+        shape,
+    ))
+}

@@ -769,3 +769,20 @@ fn per_row_mlp_edges_equal_the_general_path_and_f32_stays_close() {
         }
     }
 }
+
+/// `ibasis build` drops the modules after the last node layer: the graph is the same bits.
+#[test]
+fn dropping_modules_after_the_last_node_layer_changes_nothing() {
+    let data = inputs(3, 17, 5);
+    let cfg = config(&["mlp_in.0", "add_resid2.0"], BasisFormula::Jacobian, true);
+    let model = mlp_block(2, 6, 8, Activation::Gelu, false);
+    let full = build(&model, &data, &cfg).unwrap();
+    let cut = model.through("add_resid2.0");
+    assert_eq!(cut.modules.len(), 4);
+    let short = build(&cut, &data, &cfg).unwrap();
+    assert_eq!(full.edges[0].as_ref(), short.edges[0].as_ref());
+    for (a, b) in full.layers.iter().zip(&short.layers) {
+        assert_eq!(a.lambda, b.lambda);
+        assert_eq!(a.c, b.c);
+    }
+}

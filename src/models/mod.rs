@@ -185,6 +185,16 @@ impl Model {
         self.modules.iter().position(|m| m.id() == name)
     }
 
+    /// The model without the modules after node layer `last` (which keeps its own module, so
+    /// that its name still resolves): what a build up to `last` reads. Unknown names and
+    /// `output` keep everything.
+    pub fn through(mut self, last: &str) -> Model {
+        if let Some(i) = self.node_index(last) {
+            self.modules.truncate(i + 1);
+        }
+        self
+    }
+
     /// Feature dimension of node layer `index` (see [`Model::node_index`]).
     /// The module with the smallest position limit and that limit (see
     /// [`Module::max_positions`]).

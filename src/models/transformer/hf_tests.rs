@@ -1131,6 +1131,56 @@ impl crate::data::Dataset for Sequences {
 /// The closed-form squared edges of layer-norm halves (layer norm with a carried attention
 /// stream in parallel GPT-NeoX blocks, RMS norm in Llama) equal the general JVP path, for the
 /// gradient rule and for Gauss-Legendre points (where the norm is not homogeneous).
+/// `ln2.k -> ln1.{k+1}` (the norm, then the MLP, then the residual add) by per-row Jacobians
+/// through the norm's rank-one form, against the general JVP path in every family (layer norm
+/// and RMS norm, dense and gated MLPs, the parallel residual's carried stream), and in f32.
+#[test]
+fn norm_mlp_section_edges_equal_the_general_path_in_every_family() {
+    use crate::algorithm::{
+        build, edges::edge_path, integration, resolve_node_layers, BasisFormula, ComputeDtype,
+        LibConfig,
+    };
+    let data = Sequences(random_tokens(24, SEQ, VOCAB, 5));
+    let layers = ["ln1.0", "ln2.0", "ln1.1"];
+    for family in FAMILIES {
+        let ck = checkpoint(family, 78);
+        let model = load(&ck, &opts(true, None), true);
+        for (rule, n) in [
+            (integration::Rule::Gradient, 0),
+            (integration::Rule::GaussLegendre, 2),
+        ] {
+            let mut cfg = LibConfig {
+                node_layers: layers.iter().map(|s| s.to_string()).collect(),
+                basis_formula: BasisFormula::Jacobian,
+                center: true,
+                tau: 1e-12,
+                integration_rule: rule,
+                n_intervals: n,
+                batch_size: 5,
+                ..Default::default()
+            };
+            let resolved = resolve_node_layers(&model, &cfg.node_layers).unwrap();
+            let path = edge_path(&model, &cfg, &resolved, 1, 9, 9);
+            assert!(path.contains("rank-one"), "{family:?}: {path}");
+            let fast = build(&model, &data, &cfg).unwrap();
+            let slow = build(&load(&ck, &opts(true, None), true).opaque(), &data, &cfg).unwrap();
+            let rel = |a: &faer::Mat<f64>, b: &faer::Mat<f64>| {
+                let d: faer::Mat<f64> = a - b;
+                d.norm_l2() / b.norm_l2()
+            };
+            let err = rel(&fast.edges[1], &slow.edges[1]);
+            assert!(
+                err <= 1e-9,
+                "{family:?} {rule:?}: ln2.0 -> ln1.1 relative difference {err:e}"
+            );
+            cfg.compute_dtype = ComputeDtype::F32;
+            let low = build(&model, &data, &cfg).unwrap();
+            let err = rel(&low.edges[1], &fast.edges[1]);
+            assert!(err <= 1e-4 && err > 0.0, "{family:?} {rule:?}: f32 {err:e}");
+        }
+    }
+}
+
 #[test]
 fn closed_form_section_edges_equal_the_general_path_in_every_family() {
     use crate::algorithm::{build, integration, BasisFormula, LibConfig};
