@@ -1,6 +1,7 @@
 //! File formats: PyTorch checkpoints, safetensors weights and results, atomic writes.
 
 pub mod gguf;
+mod pickle_scan;
 pub mod pt;
 pub mod weights;
 
