@@ -157,3 +157,91 @@ fn hanging_and_exploding_settings_are_refused_by_key() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The layer names `graph.json` lists and those `graph.safetensors`'s metadata lists.
+fn pair_layers(out: &Path) -> (Vec<String>, Vec<String>) {
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("graph.json")).unwrap()).unwrap();
+    let st = std::fs::read(out.join("graph.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["layers"].as_str().unwrap()).unwrap();
+    (names(&json["node_layers"]), names(&meta))
+}
+
+#[test]
+fn a_killed_build_leaves_the_old_pair_or_the_new_pair() {
+    let dir = tmp("hard-build-kill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let write = |name: &str, layers: &[&str]| {
+        let p = dir.join(name);
+        std::fs::write(&p, modadd_config(SHIPPED, layers, "")).unwrap();
+        p
+    };
+    let old_cfg = write("old.toml", &["unembed", "output"]);
+    let new_cfg = write("new.toml", &["ln2.0", "unembed", "output"]);
+    let build = |cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ibasis"))
+            .args(["build", cfg.to_str().unwrap(), "--out"])
+            .arg(&out)
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let old = vec!["unembed".to_string(), "output".to_string()];
+    let new = vec![
+        "ln2.0".to_string(),
+        "unembed".to_string(),
+        "output".to_string(),
+    ];
+    // A complete build over the old pair replaces both files.
+    assert!(build(&old_cfg).wait().unwrap().success());
+    assert_eq!(pair_layers(&out), (old.clone(), old.clone()));
+    let t = Instant::now();
+    assert!(build(&new_cfg).wait().unwrap().success());
+    let full = t.elapsed();
+    assert_eq!(pair_layers(&out), (new.clone(), new.clone()));
+    // Kills spread over a build's duration: each leaves one whole pair, old or new.
+    let (mut olds, mut news) = (0, 0);
+    for k in 1..=10u32 {
+        assert!(build(&old_cfg).wait().unwrap().success());
+        let mut child = build(&new_cfg);
+        std::thread::sleep(full * k / 10);
+        let pid = child.id();
+        let _ = child.kill();
+        let _ = child.wait();
+        // Killed between its two renames, the old pair is whole beside `out`.
+        let at = if out.exists() {
+            out.clone()
+        } else {
+            dir.join(format!("out.old-{pid}"))
+        };
+        let (json, st) = pair_layers(&at);
+        if at != out {
+            std::fs::rename(&at, &out).unwrap();
+        }
+        assert_eq!(
+            json, st,
+            "kill {k}: graph.json and graph.safetensors are from different builds"
+        );
+        if json == old {
+            olds += 1;
+        } else {
+            assert_eq!(json, new);
+            news += 1;
+        }
+    }
+    eprintln!("killed builds: {olds} left the old pair, {news} the new one");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -14,7 +14,6 @@
 //! which candle would fail (so candle never formats a huge object into an error message).
 //! What passes is then parsed by candle with bounded memory and recursion.
 
-use anyhow::bail;
 use candle_core::pickle::Object;
 use std::collections::HashMap;
 
