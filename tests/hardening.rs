@@ -2,6 +2,8 @@
 //! give one error line naming the file or key, a non-zero exit and no output.
 
 mod common;
+#[path = "fuzz_gen/mod.rs"]
+mod fuzz_gen;
 use common::*;
 use ibasis::io::weights::{load_safetensors, save_safetensors};
 use ibasis::tensor::HostTensor;
@@ -145,6 +147,13 @@ fn hanging_and_exploding_settings_are_refused_by_key() {
         config(SHIPPED, "")
     );
     refused(&dir, &exp, &["[experiments] schedule_base"]);
+    for base in ["-2.0", "nan"] {
+        refused(
+            &dir,
+            &exp.replace("schedule_base = 1.0", &format!("schedule_base = {base}")),
+            &["[experiments] schedule_base"],
+        );
+    }
     let exp = format!(
         "{}\n[experiments]\nschedule_cutoff = 1000000000000\n",
         config(SHIPPED, "")
@@ -243,5 +252,84 @@ fn a_killed_build_leaves_the_old_pair_or_the_new_pair() {
         }
     }
     eprintln!("killed builds: {olds} left the old pair, {news} the new one");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A config of a language model (`kind` gguf or hf at `path`) on a small text file, 4 tokens
+/// per sample.
+fn lm_config(dir: &Path, kind: &str, path: &Path) -> String {
+    let text = dir.join("a.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(8),
+    )
+    .unwrap();
+    format!(
+        r#"
+[model]
+kind = "{kind}"
+path = {path:?}
+[data]
+kind = "text"
+paths = [{text:?}]
+tokenizer = "gpt2"
+n_ctx = 4
+[lib]
+node_layers = ["output"]
+"#
+    )
+}
+
+#[test]
+fn gguf_context_lengths_and_block_counts_are_checked() {
+    use ibasis::io::gguf::GgufValue;
+    let dir = tmp("hard-gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny.gguf");
+    for (key, v, needles) in [
+        (
+            "llama.context_length",
+            1u64,
+            &["of model", "has 1 positions", "4 per sample"][..],
+        ),
+        (
+            "llama.context_length",
+            1 << 31,
+            &["tiny.gguf", "`llama.context_length` = 2147483648"][..],
+        ),
+        (
+            "llama.block_count",
+            1 << 31,
+            &["tiny.gguf", "`llama.block_count` = 2147483648", "1 blocks"][..],
+        ),
+    ] {
+        std::fs::write(
+            &model,
+            fuzz_gen::tiny_llama_gguf(&[(key, GgufValue::U64(v))]),
+        )
+        .unwrap();
+        refused(&dir, &lm_config(&dir, "gguf", &model), needles);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hf_max_position_embeddings_below_the_data_are_refused_up_front() {
+    let dir = tmp("hard-hf-pos");
+    let model = dir.join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    // The tiny GGUF llama in Hugging Face layout: a rotary model (Llama) of 1 block.
+    let g = ibasis::io::gguf::parse_gguf(fuzz_gen::tiny_llama_gguf(&[]), "tiny.gguf").unwrap();
+    let (mut config, tensors) = ibasis::io::gguf::llama_from_gguf(&g, "tiny.gguf").unwrap();
+    save_safetensors(&model.join("model.safetensors"), &tensors, false).unwrap();
+    for n in [1, 3] {
+        config["max_position_embeddings"] = n.into();
+        std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+        refused(
+            &dir,
+            &lm_config(&dir, "hf", &model),
+            &[&format!("has {n} positions"), "4 per sample"],
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
