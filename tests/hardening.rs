@@ -333,3 +333,47 @@ fn hf_max_position_embeddings_below_the_data_are_refused_up_front() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn an_mlp_with_an_extra_layer_to_one_output_is_refused_against_ten_classes() {
+    let dir = tmp("hard-mlp-extra");
+    let data = dir.join("mnist");
+    std::fs::create_dir_all(&data).unwrap();
+    // Three 2x3 images labelled 7, 0, 9 (IDX files written here).
+    let mut img = vec![0, 0, 8, 3];
+    for d in [3u32, 2, 3] {
+        img.extend(d.to_be_bytes());
+    }
+    img.extend((0..18).map(|i| i as u8 * 10));
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend(3u32.to_be_bytes());
+    lab.extend([7, 0, 9]);
+    std::fs::write(data.join("train-images-idx3-ubyte"), img).unwrap();
+    std::fs::write(data.join("train-labels-idx1-ubyte"), lab).unwrap();
+    // 6 -> 10 -> 1: consistent shapes, but one output for labels up to 9.
+    let mut w = ibasis::io::weights::Tensors::new();
+    let t = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        HostTensor::new(shape, (0..n).map(|i| (i % 5) as f64 / 10.0).collect())
+    };
+    w.insert("layers.0.W".into(), t(vec![6, 10]));
+    w.insert("layers.0.b".into(), t(vec![10]));
+    w.insert("layers.1.W".into(), t(vec![10, 1]));
+    w.insert("layers.1.b".into(), t(vec![1]));
+    let model = dir.join("mlp.safetensors");
+    save_safetensors(&model, &w, false).unwrap();
+    let cfg = format!(
+        r#"
+[model]
+kind = "mlp"
+path = {model:?}
+[data]
+kind = "mnist"
+dir = {data:?}
+[lib]
+node_layers = ["layers.1", "output"]
+"#
+    );
+    refused(&dir, &cfg, &["has label 7", "1 outputs"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
