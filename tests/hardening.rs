@@ -2,6 +2,8 @@
 //! give one error line naming the file or key, a non-zero exit and no output.
 
 mod common;
+#[path = "fuzz_gen/mod.rs"]
+mod fuzz_gen;
 use common::*;
 use ibasis::io::weights::{load_safetensors, save_safetensors};
 use ibasis::tensor::HostTensor;
@@ -145,6 +147,13 @@ fn hanging_and_exploding_settings_are_refused_by_key() {
         config(SHIPPED, "")
     );
     refused(&dir, &exp, &["[experiments] schedule_base"]);
+    for base in ["-2.0", "nan"] {
+        refused(
+            &dir,
+            &exp.replace("schedule_base = 1.0", &format!("schedule_base = {base}")),
+            &["[experiments] schedule_base"],
+        );
+    }
     let exp = format!(
         "{}\n[experiments]\nschedule_cutoff = 1000000000000\n",
         config(SHIPPED, "")
@@ -155,5 +164,216 @@ fn hanging_and_exploding_settings_are_refused_by_key() {
         &config(SHIPPED, "").replace("modulus = 113", "modulus = 1000000"),
         &["[data] modulus"],
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The layer names `graph.json` lists and those `graph.safetensors`'s metadata lists.
+fn pair_layers(out: &Path) -> (Vec<String>, Vec<String>) {
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("graph.json")).unwrap()).unwrap();
+    let st = std::fs::read(out.join("graph.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["layers"].as_str().unwrap()).unwrap();
+    (names(&json["node_layers"]), names(&meta))
+}
+
+#[test]
+fn a_killed_build_leaves_the_old_pair_or_the_new_pair() {
+    let dir = tmp("hard-build-kill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    let write = |name: &str, layers: &[&str]| {
+        let p = dir.join(name);
+        std::fs::write(&p, modadd_config(SHIPPED, layers, "")).unwrap();
+        p
+    };
+    let old_cfg = write("old.toml", &["unembed", "output"]);
+    let new_cfg = write("new.toml", &["ln2.0", "unembed", "output"]);
+    let build = |cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ibasis"))
+            .args(["build", cfg.to_str().unwrap(), "--out"])
+            .arg(&out)
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let old = vec!["unembed".to_string(), "output".to_string()];
+    let new = vec![
+        "ln2.0".to_string(),
+        "unembed".to_string(),
+        "output".to_string(),
+    ];
+    // A complete build over the old pair replaces both files.
+    assert!(build(&old_cfg).wait().unwrap().success());
+    assert_eq!(pair_layers(&out), (old.clone(), old.clone()));
+    let t = Instant::now();
+    assert!(build(&new_cfg).wait().unwrap().success());
+    let full = t.elapsed();
+    assert_eq!(pair_layers(&out), (new.clone(), new.clone()));
+    // Kills spread over a build's duration: each leaves one whole pair, old or new.
+    let (mut olds, mut news) = (0, 0);
+    for k in 1..=10u32 {
+        assert!(build(&old_cfg).wait().unwrap().success());
+        let mut child = build(&new_cfg);
+        std::thread::sleep(full * k / 10);
+        let pid = child.id();
+        let _ = child.kill();
+        let _ = child.wait();
+        // Killed between its two renames, the old pair is whole beside `out`.
+        let at = if out.exists() {
+            out.clone()
+        } else {
+            dir.join(format!("out.old-{pid}"))
+        };
+        let (json, st) = pair_layers(&at);
+        if at != out {
+            std::fs::rename(&at, &out).unwrap();
+        }
+        assert_eq!(
+            json, st,
+            "kill {k}: graph.json and graph.safetensors are from different builds"
+        );
+        if json == old {
+            olds += 1;
+        } else {
+            assert_eq!(json, new);
+            news += 1;
+        }
+    }
+    eprintln!("killed builds: {olds} left the old pair, {news} the new one");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A config of a language model (`kind` gguf or hf at `path`) on a small text file, 4 tokens
+/// per sample.
+fn lm_config(dir: &Path, kind: &str, path: &Path) -> String {
+    let text = dir.join("a.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(8),
+    )
+    .unwrap();
+    format!(
+        r#"
+[model]
+kind = "{kind}"
+path = {path:?}
+[data]
+kind = "text"
+paths = [{text:?}]
+tokenizer = "gpt2"
+n_ctx = 4
+[lib]
+node_layers = ["output"]
+"#
+    )
+}
+
+#[test]
+fn gguf_context_lengths_and_block_counts_are_checked() {
+    use ibasis::io::gguf::GgufValue;
+    let dir = tmp("hard-gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny.gguf");
+    for (key, v, needles) in [
+        (
+            "llama.context_length",
+            1u64,
+            &["of model", "has 1 positions", "4 per sample"][..],
+        ),
+        (
+            "llama.context_length",
+            1 << 31,
+            &["tiny.gguf", "`llama.context_length` = 2147483648"][..],
+        ),
+        (
+            "llama.block_count",
+            1 << 31,
+            &["tiny.gguf", "`llama.block_count` = 2147483648", "1 blocks"][..],
+        ),
+    ] {
+        std::fs::write(
+            &model,
+            fuzz_gen::tiny_llama_gguf(&[(key, GgufValue::U64(v))]),
+        )
+        .unwrap();
+        refused(&dir, &lm_config(&dir, "gguf", &model), needles);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hf_max_position_embeddings_below_the_data_are_refused_up_front() {
+    let dir = tmp("hard-hf-pos");
+    let model = dir.join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    // The tiny GGUF llama in Hugging Face layout: a rotary model (Llama) of 1 block.
+    let g = ibasis::io::gguf::parse_gguf(fuzz_gen::tiny_llama_gguf(&[]), "tiny.gguf").unwrap();
+    let (mut config, tensors) = ibasis::io::gguf::llama_from_gguf(&g, "tiny.gguf").unwrap();
+    save_safetensors(&model.join("model.safetensors"), &tensors, false).unwrap();
+    for n in [1, 3] {
+        config["max_position_embeddings"] = n.into();
+        std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+        refused(
+            &dir,
+            &lm_config(&dir, "hf", &model),
+            &[&format!("has {n} positions"), "4 per sample"],
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_mlp_with_an_extra_layer_to_one_output_is_refused_against_ten_classes() {
+    let dir = tmp("hard-mlp-extra");
+    let data = dir.join("mnist");
+    std::fs::create_dir_all(&data).unwrap();
+    // Three 2x3 images labelled 7, 0, 9 (IDX files written here).
+    let mut img = vec![0, 0, 8, 3];
+    for d in [3u32, 2, 3] {
+        img.extend(d.to_be_bytes());
+    }
+    img.extend((0..18).map(|i| i as u8 * 10));
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend(3u32.to_be_bytes());
+    lab.extend([7, 0, 9]);
+    std::fs::write(data.join("train-images-idx3-ubyte"), img).unwrap();
+    std::fs::write(data.join("train-labels-idx1-ubyte"), lab).unwrap();
+    // 6 -> 10 -> 1: consistent shapes, but one output for labels up to 9.
+    let mut w = ibasis::io::weights::Tensors::new();
+    let t = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        HostTensor::new(shape, (0..n).map(|i| (i % 5) as f64 / 10.0).collect())
+    };
+    w.insert("layers.0.W".into(), t(vec![6, 10]));
+    w.insert("layers.0.b".into(), t(vec![10]));
+    w.insert("layers.1.W".into(), t(vec![10, 1]));
+    w.insert("layers.1.b".into(), t(vec![1]));
+    let model = dir.join("mlp.safetensors");
+    save_safetensors(&model, &w, false).unwrap();
+    let cfg = format!(
+        r#"
+[model]
+kind = "mlp"
+path = {model:?}
+[data]
+kind = "mnist"
+dir = {data:?}
+[lib]
+node_layers = ["layers.1", "output"]
+"#
+    );
+    refused(&dir, &cfg, &["has label 7", "1 outputs"]);
     let _ = std::fs::remove_dir_all(dir);
 }

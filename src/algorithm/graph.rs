@@ -2,7 +2,7 @@
 //! as `graph.safetensors` (f64 tensors) plus `graph.json` (what a person or a script reads first).
 
 use crate::io::weights::{load_safetensors, serialize_safetensors, Tensors};
-use crate::io::write_atomic;
+use crate::io::write_files_as_one;
 use crate::tensor::HostTensor;
 use anyhow::Context;
 use faer::Mat;
@@ -133,7 +133,8 @@ impl Graph {
         }
     }
 
-    /// Writes `dir/graph.safetensors` and `dir/graph.json`, each atomically.
+    /// Writes `dir/graph.safetensors` and `dir/graph.json` as one result (see
+    /// [`write_files_as_one`]).
     pub fn save(&self, dir: &Path, config: serde_json::Value) -> anyhow::Result<()> {
         let mut t = Tensors::new();
         for b in &self.layers {
@@ -172,11 +173,14 @@ impl Graph {
             serde_json::to_string(&summary.node_layers)?,
         );
         let bytes = serialize_safetensors(&t, false, Some(meta))?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_atomic(&dir.join("graph.safetensors"), &bytes)?;
-        write_atomic(
-            &dir.join("graph.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        let json = serde_json::to_string_pretty(&summary)?;
+        // One result: after a kill `dir` holds the old pair or the new one.
+        write_files_as_one(
+            dir,
+            &[
+                ("graph.safetensors", &bytes[..]),
+                ("graph.json", json.as_bytes()),
+            ],
         )
     }
 

@@ -48,6 +48,8 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 /// Deepest nesting of metadata arrays accepted (real files nest at most once).
 const MAX_NESTING: usize = 8;
+/// Largest `llama.context_length` accepted (as Hugging Face configs' positions, 2^24).
+const MAX_CONTEXT: usize = 1 << 24;
 /// Elements per block of the quantised types supported here.
 const QK: usize = 32;
 
@@ -1222,6 +1224,21 @@ fn llama_inner(g: &Gguf) -> anyhow::Result<(serde_json::Value, Tensors)> {
         .opt("llama.rope.freq_base", GgufMeta::f64)?
         .unwrap_or(10000.0);
     let context = m.usize("llama.context_length")?;
+    // Sizes are cross-checked against the tensors present before anything is sized by them.
+    let blocks: std::collections::BTreeSet<&str> = g
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("blk.")?.split_once('.').map(|(i, _)| i))
+        .collect();
+    ensure!(
+        layers > 0 && layers == blocks.len(),
+        "metadata `llama.block_count` = {layers}, but the file holds tensors of {} blocks",
+        blocks.len()
+    );
+    ensure!(
+        (1..=MAX_CONTEXT).contains(&context),
+        "metadata `llama.context_length` = {context} is not a context length (1 to {MAX_CONTEXT})"
+    );
     ensure!(
         heads > 0 && kv_heads > 0 && hidden.is_multiple_of(heads) && heads.is_multiple_of(kv_heads),
         "inconsistent attention: embedding length {hidden}, {heads} heads, {kv_heads} kv heads"
@@ -1927,6 +1944,51 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "tiny.gguf: metadata key `general.architecture` missing"
+        );
+    }
+
+    #[test]
+    fn llama_sizes_are_checked_against_the_tensors_present() {
+        let (meta, tensors, _) = tiny_llama(true);
+        let with = |key: &str, v: u64| {
+            let mut m = meta.clone();
+            m.insert(key.into(), GgufValue::U64(v));
+            let g = parse_gguf(serialize_gguf(&m, &tensors).unwrap(), "tiny.gguf").unwrap();
+            llama_from_gguf(&g, "tiny.gguf").map(|(c, _)| c)
+        };
+        // The file holds 2 blocks.
+        for v in [0, 1, 3, 1 << 31, u64::MAX] {
+            let e = with("llama.block_count", v).unwrap_err().to_string();
+            assert!(
+                e.contains("`llama.block_count` = ") && e.contains("tensors of 2 blocks")
+                    || e.contains("too large"),
+                "{v}: {e}"
+            );
+        }
+        for v in [0, (1 << 24) + 1, 1 << 31] {
+            let e = with("llama.context_length", v).unwrap_err().to_string();
+            assert!(e.contains(&format!("`llama.context_length` = {v}")), "{e}");
+        }
+        // A context of 1 is a model (refused later against data of more positions).
+        let c = with("llama.context_length", 1).unwrap();
+        assert_eq!(c["max_position_embeddings"], 1);
+        // Head counts: kv heads must divide heads, heads the width.
+        for (key, v) in [
+            ("llama.attention.head_count", 3),
+            ("llama.attention.head_count", 1 << 31),
+            ("llama.attention.head_count_kv", 4),
+            ("llama.attention.head_count_kv", 0),
+        ] {
+            let e = with(key, v).unwrap_err().to_string();
+            assert!(e.contains("inconsistent attention"), "{key} {v}: {e}");
+        }
+        // A head count that divides everything but does not match the tensors' shapes.
+        let e = with("llama.attention.head_count", 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has shape") || e.contains("head dimension"),
+            "{e}"
         );
     }
 

@@ -1,11 +1,12 @@
 //! File formats: PyTorch checkpoints, safetensors weights and results, atomic writes.
 
 pub mod gguf;
+mod pickle_scan;
 pub mod pt;
 pub mod weights;
 
 use anyhow::Context;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Refuses anything but a regular file (a FIFO with no writer would block a read forever; a
 /// device or folder is never a model or dataset), naming the path.
@@ -55,4 +56,137 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+/// `DIR.TAG-PID` beside `dir`.
+fn sibling(dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} has no folder name", dir.display()))?;
+    let mut name = name.to_os_string();
+    name.push(format!(".{tag}-{}", std::process::id()));
+    Ok(dir.with_file_name(name))
+}
+
+/// Writes `files` (name, bytes) into the folder `dir` as one result, so that after a crash or
+/// kill `dir` holds either the files of the previous call or all of the new ones, never a mix
+/// (`ibasis build --out DIR`'s `graph.safetensors` + `graph.json`).
+///
+/// When `dir` is absent or holds nothing but files of these names, the new files are written
+/// into a fresh sibling `DIR.partial-PID` that replaces `dir` by renames (the previous folder
+/// moved aside to `DIR.old-PID` and removed after; killed between those two renames, `dir` is
+/// absent and the old result is whole in `DIR.old-PID`). When `dir` holds other files too, they
+/// are kept: each new file is written to a temporary name in `dir` and all are renamed into
+/// place only once every one is complete, in the order given (a kill within that last step,
+/// a few microseconds, can still mix them).
+pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result<()> {
+    let ours = |name: &std::ffi::OsStr| files.iter().any(|(n, _)| name == std::ffi::OsStr::new(n));
+    let only_ours = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("cannot read folder {}", dir.display())),
+        Ok(entries) => {
+            let mut only = true;
+            for e in entries {
+                let e = e.with_context(|| format!("cannot read folder {}", dir.display()))?;
+                only &= ours(&e.file_name()) && e.file_type().is_ok_and(|t| t.is_file());
+            }
+            only
+        }
+    };
+    // (`--out .` has no name to stage beside: its files are replaced one by one.)
+    if only_ours && dir.file_name().is_some() {
+        let staging = sibling(dir, "partial")?;
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("cannot clear {}", staging.display()))?;
+        }
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create folder {}", staging.display()))?;
+        let written = files.iter().try_for_each(|(name, bytes)| {
+            std::fs::write(staging.join(name), bytes)
+                .with_context(|| format!("cannot write {}", staging.join(name).display()))
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        let old = sibling(dir, "old")?;
+        let had_old = dir.exists();
+        if had_old {
+            std::fs::rename(dir, &old)
+                .with_context(|| format!("cannot move the previous {} aside", dir.display()))?;
+        }
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("cannot move {} into place", staging.display()))?;
+        if had_old {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("cannot remove the previous {}", old.display()))?;
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let pid = std::process::id();
+    let tmp: Vec<PathBuf> = files
+        .iter()
+        .map(|(name, _)| dir.join(format!(".{name}.{pid}.tmp")))
+        .collect();
+    for ((_, bytes), t) in files.iter().zip(&tmp) {
+        if let Err(e) = std::fs::write(t, bytes) {
+            for t in &tmp {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(e).with_context(|| format!("cannot write {}", t.display()));
+        }
+    }
+    for ((name, _), t) in files.iter().zip(&tmp) {
+        std::fs::rename(t, dir.join(name))
+            .with_context(|| format!("cannot move {} into place", dir.join(name).display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ibasis-io-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn files_written_as_one_replace_the_previous_pair_whole() {
+        let root = tmpdir("pair");
+        let out = root.join("g");
+        write_files_as_one(&out, &[("a.bin", b"new-a"), ("b.json", b"new-b")]).unwrap();
+        assert_eq!(listing(&out), ["a.bin", "b.json"]);
+        write_files_as_one(&out, &[("a.bin", b"2a"), ("b.json", b"2b")]).unwrap();
+        assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"2a");
+        assert_eq!(std::fs::read(out.join("b.json")).unwrap(), b"2b");
+        // Nothing left beside it: no staging or old folder.
+        assert_eq!(listing(&root), ["g"]);
+        // A folder holding other files keeps them; no temporary files are left.
+        std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+        write_files_as_one(&out, &[("a.bin", b"3a"), ("b.json", b"3b")]).unwrap();
+        assert_eq!(listing(&out), ["a.bin", "b.json", "notes.txt"]);
+        assert_eq!(std::fs::read(out.join("b.json")).unwrap(), b"3b");
+        assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+        // An unwritable target fails with the path named and leaves the old pair.
+        let e = write_files_as_one(&out.join("notes.txt"), &[("a.bin", b"x")]).unwrap_err();
+        assert!(format!("{e:#}").contains("notes.txt"), "{e:#}");
+        assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"3a");
+        let _ = std::fs::remove_dir_all(root);
+    }
 }

@@ -44,6 +44,7 @@ fn load_inner(path: &Path) -> anyhow::Result<BTreeMap<String, HostTensor>> {
     };
     let pkl_index = zip.find(&pkl_name).context("data.pkl vanished")?;
     let pkl = zip.read(pkl_index)?;
+    super::pickle_scan::scan(&pkl)?;
     let mut stack = Stack::empty();
     stack.read_loop(&mut pkl.as_slice()).map_err(pickle_error)?;
     let top = stack.finalize().map_err(pickle_error)?;
@@ -547,6 +548,11 @@ impl Zip {
             bail!("{TRUNCATED} (bad local header for {name})");
         }
         let start = local + 30 + u16_at(&header, 26) as u64 + u16_at(&header, 28) as u64;
+        // Deflate expands at most 1032:1: a larger claim is corrupt (or a zip bomb), refused
+        // before anything is inflated.
+        if method == 8 && size > compressed.saturating_mul(1032).saturating_add(1024) {
+            bail!("{TRUNCATED} ({name} claims {size} bytes from {compressed} deflated bytes)");
+        }
         let raw = self.read_at(start, usize::try_from(compressed)?)?;
         let data = match method {
             0 => raw,
