@@ -741,13 +741,7 @@ fn per_row_edges_in<T: Real>(
                     a_s.subcols(0, m),
                     b_units.transpose(),
                 );
-                let fr = fhat_t.col_as_slice(row);
-                for i in 0..n_out {
-                    for (o, v) in h64.iter_mut().zip(h.col(i).iter()) {
-                        *o = v.f64();
-                    }
-                    add_squared_product(acc.0.col_as_slice_mut(i), &h64, fr);
-                }
+                add_squared_row(&mut acc.0, &h, fhat_t.col_as_slice(row), &mut h64);
             }
             acc.1 += f.rows() as f64;
         },
@@ -959,19 +953,24 @@ fn norm_mlp_edges_in<T: Real>(
                     a_bar.as_ref(),
                     bh_t.transpose(),
                 );
-                let fr = fhat_t.col_as_slice(row);
-                for i in 0..n_out {
-                    for (o, v) in h64.iter_mut().zip(h.col(i).iter()) {
-                        *o = v.f64();
-                    }
-                    add_squared_product(acc.0.col_as_slice_mut(i), &h64, fr);
-                }
+                add_squared_row(&mut acc.0, &h, fhat_t.col_as_slice(row), &mut h64);
             }
             acc.1 += f.rows() as f64;
         },
         |a, b| (a.0 + b.0, a.1 + b.1),
     );
     et.transpose().to_owned() * faer::Scale(1.0 / rows)
+}
+
+/// `acc_ji += (fhat_j h_ji)^2` for one row's bracket `h` (`n_in x n_out`, in the compute
+/// precision), summed in f64 (`h64` a column of scratch).
+fn add_squared_row<T: Real>(acc: &mut Mat<f64>, h: &Mat<T>, fhat_row: &[f64], h64: &mut [f64]) {
+    for i in 0..h.ncols() {
+        for (o, v) in h64.iter_mut().zip(h.col(i).iter()) {
+            *o = v.f64();
+        }
+        add_squared_product(acc.col_as_slice_mut(i), h64, fhat_row);
+    }
 }
 
 /// Per row of the gated unit's pre-activations `z = (g, u, ..)`, the integrated coefficients

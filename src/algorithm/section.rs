@@ -84,7 +84,7 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                 let width = w.ncols();
                 dense = Some((chain(pre.take(), w), PartialAct { act, width }));
             }
-            Structure::Elementwise { act, width } => {
+            Structure::Elementwise { act, width } | Structure::Gated { act, width } => {
                 if dense.is_some() {
                     return Shape::General;
                 }
@@ -92,16 +92,7 @@ pub fn classify(modules: &[Box<dyn Module>]) -> Shape {
                     .take()
                     .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
                 dense = Some((w, PartialAct { act, width }));
-            }
-            Structure::Gated { act, width } => {
-                if dense.is_some() {
-                    return Shape::General;
-                }
-                let w = pre
-                    .take()
-                    .unwrap_or_else(|| Mat::identity(m.in_features(), m.in_features()));
-                dense = Some((w, PartialAct { act, width }));
-                gated = true;
+                gated = matches!(structure, Structure::Gated { .. });
             }
             Structure::NormVar { .. }
             | Structure::NormOut { .. }

@@ -57,16 +57,10 @@ pub fn run_pipeline(
     delta: f64,
     gamma: f64,
 ) -> anyhow::Result<PipelineSummary> {
-    let staging = sibling(out, "partial")?;
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("cannot clear {}", staging.display()))?;
-    }
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let staging = crate::io::fresh_staging(out)?;
     match run_into(config, &staging, out, model, delta, gamma) {
         Ok(summary) => {
-            replace_dir(&staging, out)?;
+            crate::io::replace_dir(&staging, out)?;
             Ok(summary)
         }
         Err(e) => {
@@ -74,39 +68,6 @@ pub fn run_pipeline(
             Err(e)
         }
     }
-}
-
-/// `DIR.TAG-PID` beside `dir`.
-fn sibling(dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .with_context(|| format!("--out {} has no folder name", dir.display()))?;
-    let mut name = name.to_os_string();
-    name.push(format!(".{tag}-{}", std::process::id()));
-    Ok(dir.with_file_name(name))
-}
-
-/// Puts the complete folder `staging` at `out`: an existing `out` is renamed aside, `staging`
-/// renamed into place, then the old one removed.
-fn replace_dir(staging: &Path, out: &Path) -> anyhow::Result<()> {
-    let old = sibling(out, "old")?;
-    let had_old = out.exists();
-    if had_old {
-        std::fs::rename(out, &old)
-            .with_context(|| format!("cannot move the previous run {} aside", out.display()))?;
-    }
-    std::fs::rename(staging, out).with_context(|| {
-        format!(
-            "cannot move the finished run {} to {}",
-            staging.display(),
-            out.display()
-        )
-    })?;
-    if had_old {
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove the previous run {}", old.display()))?;
-    }
-    Ok(())
 }
 
 /// The pipeline, writing into `out` (a staging folder) and naming files as they will be at

@@ -68,6 +68,43 @@ fn sibling(dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
     Ok(dir.with_file_name(name))
 }
 
+/// A fresh, empty staging folder `DIR.partial-PID` beside `dir` (a leftover of that name
+/// cleared first).
+pub(crate) fn fresh_staging(dir: &Path) -> anyhow::Result<PathBuf> {
+    let staging = sibling(dir, "partial")?;
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot clear {}", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create folder {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// Puts the complete folder `staging` at `dir`: an existing `dir` is renamed aside to
+/// `DIR.old-PID`, `staging` renamed into place, then the old one removed (killed between the
+/// two renames, `dir` is absent and the old folder is whole in `DIR.old-PID`).
+pub(crate) fn replace_dir(staging: &Path, dir: &Path) -> anyhow::Result<()> {
+    let old = sibling(dir, "old")?;
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("cannot move the previous {} aside", dir.display()))?;
+    }
+    std::fs::rename(staging, dir).with_context(|| {
+        format!(
+            "cannot move {} into place at {}",
+            staging.display(),
+            dir.display()
+        )
+    })?;
+    if had_old {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("cannot remove the previous {}", old.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes `files` (name, bytes) into the folder `dir` as one result, so that after a crash or
 /// kill `dir` holds either the files of the previous call or all of the new ones, never a mix
 /// (`ibasis build --out DIR`'s `graph.safetensors` + `graph.json`).
@@ -95,13 +132,7 @@ pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result
     };
     // (`--out .` has no name to stage beside: its files are replaced one by one.)
     if only_ours && dir.file_name().is_some() {
-        let staging = sibling(dir, "partial")?;
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging)
-                .with_context(|| format!("cannot clear {}", staging.display()))?;
-        }
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("cannot create folder {}", staging.display()))?;
+        let staging = fresh_staging(dir)?;
         let written = files.iter().try_for_each(|(name, bytes)| {
             std::fs::write(staging.join(name), bytes)
                 .with_context(|| format!("cannot write {}", staging.join(name).display()))
@@ -110,19 +141,7 @@ pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
-        let old = sibling(dir, "old")?;
-        let had_old = dir.exists();
-        if had_old {
-            std::fs::rename(dir, &old)
-                .with_context(|| format!("cannot move the previous {} aside", dir.display()))?;
-        }
-        std::fs::rename(&staging, dir)
-            .with_context(|| format!("cannot move {} into place", staging.display()))?;
-        if had_old {
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("cannot remove the previous {}", old.display()))?;
-        }
-        return Ok(());
+        return replace_dir(&staging, dir);
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
