@@ -8,7 +8,7 @@
 //! truncate again (4.8) and scale each direction by `sqrt(Lambda)` (4.9).
 
 use super::attention::{attention_section, AttentionSection};
-use super::pass::{activations_at, data_positions, fold};
+use super::pass::{activations_at, data_positions, fold, sample_rng};
 use super::section::{classify, PartialAct, Shape};
 use super::stats::Moments;
 use super::{BasisFormula, LibConfig, NodeBasis, NodeLayer};
@@ -20,7 +20,7 @@ use crate::tensor::linalg::{
 use crate::tensor::Batch;
 use anyhow::bail;
 use faer::Mat;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// Eigen-directions of the Gram matrix after truncation 1 (method.md sections 4.1-4.2).
@@ -99,24 +99,28 @@ pub fn centre(u: &Mat<f64>, mean: Option<&[f64]>) -> (Mat<f64>, Mat<f64>) {
     (w, w_pinv)
 }
 
-/// The basis of node layer `layers[l]`, given the already computed basis of `layers[l + 1]`.
-#[allow(clippy::too_many_arguments)]
+/// `M'` of a node layer given `Q` (the next layer's `C`) and the basis formula: computed by
+/// [`jacobian_metric`] over the data, or read from a stage file; `None` when this process
+/// cannot know it yet (a shard of a distributed build).
+pub type MetricSource<'a> =
+    dyn FnMut(&Mat<f64>, BasisFormula) -> anyhow::Result<Option<Metric>> + 'a;
+
+/// The basis of node layer `layers[l]` (`pos_in` positions per sample), given the already
+/// computed basis of `layers[l + 1]`; `None` when `metric` has no `M'` yet.
 pub fn node_basis(
-    model: &Model,
-    data: &dyn Dataset,
     cfg: &LibConfig,
     layers: &[NodeLayer],
     l: usize,
+    pos_in: usize,
     moments: &Moments,
     next: Option<&NodeBasis>,
-    points: &[(f64, f64)],
-) -> anyhow::Result<NodeBasis> {
+    metric: &mut MetricSource,
+) -> anyhow::Result<Option<NodeBasis>> {
     let layer = &layers[l];
     let is_output = layer.name == OUTPUT;
     let is_last = l + 1 == layers.len();
     let mean = moments.mean();
     let d_orig = mean.len();
-    let pos_in = data_positions(model, data, layer.index);
     let ln_var = cfg.isolate_ln_var && is_ln_out(&layer.name);
     // The model outputs carry no bias coordinate: no constant direction to find there.
     let center = cfg.center && !is_output;
@@ -127,7 +131,7 @@ pub fn node_basis(
         ..NodeBasis::neuron(&layer.name, d_orig, pos_in)
     };
     if !cfg.rotates(l, layers.len()) {
-        return Ok(basis);
+        return Ok(Some(basis));
     }
     let formula = if is_last {
         BasisFormula::Svd
@@ -147,7 +151,7 @@ pub fn node_basis(
         basis.c = Some(c);
         basis.lambda = order.iter().map(|&i| second[(i, i)]).collect();
         basis.has_constant = !is_output;
-        return Ok(basis);
+        return Ok(Some(basis));
     }
     let p = pca(&gram, center, ln_var, cfg.tau)?;
     let mu = center.then_some(mean.as_slice());
@@ -160,7 +164,7 @@ pub fn node_basis(
         basis.lambda = p.d.clone();
         basis.w = Some(w);
         basis.w_pinv = Some(w_pinv);
-        return Ok(basis);
+        return Ok(Some(basis));
     }
     // Whitening: R = W D^-1/2, R_pinv = D^1/2 W_pinv.
     let k = p.d.len();
@@ -171,7 +175,9 @@ pub fn node_basis(
         .c
         .clone()
         .unwrap_or_else(|| Mat::identity(next.d_orig, next.d_orig));
-    let metric = jacobian_metric(model, data, cfg, layers, l, &q, points, formula)?;
+    let Some(metric) = metric(&q, formula)? else {
+        return Ok(None);
+    };
     let m = mm(
         mm(r_pinv.as_ref(), metric.m.as_ref()).as_ref(),
         r_pinv.transpose(),
@@ -206,7 +212,7 @@ pub fn node_basis(
     basis.w_pinv = Some(w_pinv);
     basis.v = Some(v);
     basis.lambda = lambda;
-    Ok(basis)
+    Ok(Some(basis))
 }
 
 /// Node layers whose coordinate 0 is the layer-norm variance channel.
@@ -415,8 +421,7 @@ fn vjp_metric(
     let split = section.modules.len() - section.fixed_linear_suffix();
     let (head, tail) = section.split_at(split);
     let pulled = exact.then(|| {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let one = cotangents(&qt, 1, pos_out, None, None, &mut rng);
+        let one = cotangents(&qt, 1, pos_out, None, None, (seed, 0));
         tail.vjp(&Section::no_caches(tail.modules.len()), &one)
     });
     let (mut m, lp, count) = fold(
@@ -430,12 +435,12 @@ fn vjp_metric(
                 0.0f64,
             )
         },
-        |acc, c, range| {
+        |acc, _, range| {
+            let first = data.first_sample() + range.start;
             let f = activations_at(model, data, from, range);
             let n = f.n;
-            let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(c as u64));
-            let fixed_cot =
-                (!legacy && !exact).then(|| cotangents(&qt, n, pos_out, n_pos, n_hidden, &mut rng));
+            let fixed_cot = (!legacy && !exact)
+                .then(|| cotangents(&qt, n, pos_out, n_pos, n_hidden, (seed, first)));
             let tiled = pulled.as_ref().map(|p| tile(p, n));
             let y_hat = legacy.then(|| {
                 let y = model.run(f.clone(), from, to);
@@ -503,17 +508,19 @@ fn tile(b: &Batch, n: usize) -> Batch {
 
 /// Cotangents on the section output for `n` samples: rows `(x, v, t)`, one per output
 /// direction `(t, i)` (exact), or sign-vector combinations of them (method.md section 7).
-/// `qt` is `Q^T`, one row per LIB feature of the next layer.
+/// `qt` is `Q^T`, one row per LIB feature of the next layer; the signs of sample `x` come from
+/// [`sample_rng`] of `(seed, first + x)`.
 fn cotangents(
     qt: &Mat<f64>,
     n: usize,
     pos: usize,
     n_pos: Option<usize>,
     n_hidden: Option<usize>,
-    rng: &mut ChaCha8Rng,
+    (seed, first): (u64, usize),
 ) -> Batch {
     let (n_lib, d) = (qt.nrows(), qt.ncols());
-    let mut sign = || if rng.random::<bool>() { 1.0 } else { -1.0 };
+    let rng = |x: usize| sample_rng(seed, first + x);
+    let sign = |rng: &mut ChaCha8Rng| if rng.random::<bool>() { 1.0 } else { -1.0 };
     match (n_pos, n_hidden) {
         (None, None) => {
             let r = pos * n_lib;
@@ -532,10 +539,11 @@ fn cotangents(
             let r = np * n_lib;
             let mut data = Mat::zeros(n * r * pos, d);
             for x in 0..n {
+                let mut rng = rng(x);
                 for v in 0..r {
                     let i = v % n_lib;
                     for t in 0..pos {
-                        let s = sign();
+                        let s = sign(&mut rng);
                         let row = (x * r + v) * pos + t;
                         for j in 0..d {
                             data[(row, j)] = s * qt[(i, j)];
@@ -552,6 +560,7 @@ fn cotangents(
             let r = np.map(|p| p * nh).unwrap_or(nh * pos);
             let mut signs = Mat::zeros(n * r * pos, n_lib);
             for x in 0..n {
+                let mut rng = rng(x);
                 for v in 0..r {
                     for t in 0..pos {
                         if np.is_none() && v % pos != t {
@@ -559,7 +568,7 @@ fn cotangents(
                         }
                         let row = (x * r + v) * pos + t;
                         for i in 0..n_lib {
-                            signs[(row, i)] = sign();
+                            signs[(row, i)] = sign(&mut rng);
                         }
                     }
                 }

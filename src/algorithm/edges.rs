@@ -7,7 +7,7 @@
 
 use super::attention::{attention_section, AttentionSection};
 use super::pass::data_positions;
-use super::pass::{activations_at, fold};
+use super::pass::{activations_at, fold, sample_rng};
 use super::section::{classify, norm_mlp, NormPrefix, PartialAct, Shape};
 use super::{ComputeDtype, EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
@@ -16,8 +16,7 @@ use crate::tensor::linalg::{cast, gemm, gemm_in, mm, Real};
 use crate::tensor::simd::add_squared_product;
 use crate::tensor::Batch;
 use faer::Mat;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 /// Numbers in one block of tangents pushed through a section together (32 MB of f64).
 const TANGENT_NUMBERS: usize = 1 << 22;
@@ -1063,7 +1062,8 @@ fn jvp_edges(ctx: &EdgeSection) -> Mat<f64> {
         batch,
         &ctx.label(),
         || (Mat::<f64>::zeros(n_out, n_lib), 0.0f64),
-        |acc, chunk, range| {
+        |acc, _, range| {
+            let first = data.first_sample() + range.start;
             let f = ctx.activations(range);
             let n = f.n;
             let fhat = mm(f.data.as_ref(), c.as_ref());
@@ -1072,17 +1072,19 @@ fn jvp_edges(ctx: &EdgeSection) -> Mat<f64> {
                 let (y, _) = section.forward(&Batch::new(n, 1, pos_in, proj.clone()));
                 mm(y.data.as_ref(), q.as_ref())
             });
-            let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(chunk as u64));
-            // Sign vectors of the stochastic edges, per sample, shared by every feature block.
-            let n_phis = match cfg.edge_formula {
-                EdgeFormula::Stochastic => n * n_signs,
-                _ => 0,
-            };
-            let phis: Vec<Vec<f64>> = (0..n_phis)
-                .map(|_| {
-                    (0..pos_out)
-                        .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
-                        .collect()
+            // Sign vectors of the stochastic edges, per sample (seeded by its index in the whole
+            // dataset), shared by every feature block.
+            let stochastic = cfg.edge_formula == EdgeFormula::Stochastic;
+            let phis: Vec<Vec<f64>> = (0..if stochastic { n } else { 0 })
+                .flat_map(|x| {
+                    let mut rng = sample_rng(seed, first + x);
+                    (0..n_signs)
+                        .map(|_| {
+                            (0..pos_out)
+                                .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+                                .collect::<Vec<f64>>()
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             let forwards: Vec<(f64, Batch, Vec<crate::models::Cache>)> = points

@@ -8,6 +8,7 @@ pub mod graph;
 pub mod integration;
 pub mod pass;
 pub mod section;
+pub mod stages;
 pub mod stats;
 
 pub use graph::{Graph, NodeBasis};
@@ -21,10 +22,15 @@ pub const CHUNK_NUMBERS: usize = 32_768;
 /// ([`pass::Prefix`]; later node layers have a budget of their own).
 pub const PREFIX_BYTES: usize = 1 << 30;
 
-use crate::data::Dataset;
+use crate::data::{Dataset, Samples};
+use crate::io::weights::Tensors;
 use crate::models::{Model, OUTPUT};
+use crate::tensor::HostTensor;
 use anyhow::{bail, Context};
+use faer::Mat;
 use serde::{Deserialize, Serialize};
+use stages::{Collective, Distribution, Partial, Source, StageRunner, StageStore, STATS};
+use std::cell::OnceCell;
 use std::time::Instant;
 
 /// Which basis to compute at each node layer (method.md section 4).
@@ -275,67 +281,322 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Builds the graph: statistics, bases from the last node layer backwards, then edges.
+/// Builds the graph: statistics, bases from the last node layer backwards, then edges, in one
+/// process, keeping nothing on disk.
 pub fn build(model: &Model, data: &dyn Dataset, cfg: &LibConfig) -> anyhow::Result<Graph> {
+    match build_staged(model, data, cfg, &BuildOptions::default())?.0 {
+        Outcome::Graph(g) => Ok(g),
+        Outcome::Pending(stages) => bail!("stages {stages:?} were left pending"),
+    }
+}
+
+/// Where a build keeps its stages and which samples it sums ([`stages`]).
+#[derive(Default)]
+pub struct BuildOptions<'a> {
+    /// Stage files to reuse and write; `None`: keep nothing.
+    pub store: Option<&'a StageStore>,
+    pub distribution: Distribution<'a>,
+    /// Read stages only, never pass over the data: assemble the graph when every stage is on
+    /// disk, else say which is next.
+    pub assemble_only: bool,
+}
+
+/// What a staged build came to.
+pub enum Outcome {
+    Graph(Graph),
+    /// The stages this process could not finish: a shard's (written as pieces, for
+    /// `ibasis merge`), or the next ones an assembly needs.
+    Pending(Vec<String>),
+}
+
+/// [`build`] with stage files, shards or MPI ranks ([`BuildOptions`]). Returns the outcome and
+/// how each stage came about (reused or computed).
+pub fn build_staged(
+    model: &Model,
+    data: &dyn Dataset,
+    cfg: &LibConfig,
+    opts: &BuildOptions,
+) -> anyhow::Result<(Outcome, Vec<(String, Source)>)> {
     let t0 = Instant::now();
     let layers = resolve_node_layers(model, &cfg.node_layers)?;
     cfg.check()?;
     if data.is_empty() {
         bail!("the dataset is empty");
     }
+    let n = data.len();
+    let block = opts.distribution.block(n);
+    if block.is_empty() && !opts.assemble_only {
+        bail!("this process's share of the {n} samples is empty: use fewer shards or ranks than samples");
+    }
     let points = integration::points(cfg.integration_rule, cfg.n_intervals)?;
-    let mut timings = Vec::new();
-
-    let t = Instant::now();
     let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
-    let prefix = pass::Prefix::new(model, data, &indices, cfg.batch_size, PREFIX_BYTES);
-    let data: &dyn Dataset = match &prefix {
-        Some(p) => p,
-        None => data,
-    };
     let grams: Vec<bool> = (0..layers.len())
         .map(|l| cfg.rotates(l, layers.len()))
         .collect();
     check_build_memory(model, &layers, &grams)?;
-    let moments = pass::moments(model, data, &layers, &grams, cfg.batch_size)?;
+    // This process's samples, their node-layer cache made on the first pass that needs it (an
+    // assembly from stage files makes none).
+    let mine = Samples::new(data, block);
+    let prefix: OnceCell<Option<pass::Prefix>> = OnceCell::new();
+    let local = || -> anyhow::Result<&dyn Dataset> {
+        let p = prefix.get_or_init(|| {
+            pass::Prefix::new(model, &mine, &indices, cfg.batch_size, PREFIX_BYTES)
+        });
+        Ok(match p {
+            Some(p) => p,
+            None => &mine,
+        })
+    };
+    let runner = StageRunner {
+        store: opts.store,
+        distribution: opts.distribution,
+        n_samples: n,
+        batch: cfg.batch_size,
+        assemble_only: opts.assemble_only,
+        log: Default::default(),
+    };
+    let log = |runner: StageRunner| runner.log.into_inner().unwrap_or_default();
+    let mut timings = Vec::new();
+
+    // Statistics (method.md section 3), summed about reference points from the first batch of
+    // the whole dataset, which every shard and rank computes alike.
+    let t = Instant::now();
+    let shifts: OnceCell<Vec<Vec<f64>>> = OnceCell::new();
+    let stats = runner.run(STATS, &local, &|piece| {
+        if shifts.get().is_none() {
+            let s = pass::moment_shifts(model, data, &layers, cfg.batch_size)?;
+            let _ = shifts.set(s);
+        }
+        let m = pass::moments_about(
+            model,
+            piece,
+            &layers,
+            &grams,
+            &shifts.get().unwrap()[..],
+            cfg.batch_size,
+        )?;
+        Ok(moments_partial(&layers, &m, piece.len()))
+    })?;
+    let Some(stats) = stats else {
+        return Ok((Outcome::Pending(vec![STATS.to_string()]), log(runner)));
+    };
+    let moments = moments_from(&layers, &stats)?;
     timings.push(("statistics".to_string(), t.elapsed().as_secs_f64()));
 
+    // Bases (section 4), from the last node layer backwards: M' of layer l needs C of l + 1.
     let t = Instant::now();
+    let positions: Vec<usize> = pass::node_activations(model, data, &layers, 0..1)
+        .iter()
+        .map(|b| b.pos)
+        .collect();
     let mut bases: Vec<NodeBasis> = Vec::with_capacity(layers.len());
     for (l, layer) in layers.iter().enumerate().rev() {
+        let stage = format!("metric.{}", layer.name);
+        let mut metric = |q: &Mat<f64>,
+                          formula: BasisFormula|
+         -> anyhow::Result<Option<basis::Metric>> {
+            let p = runner.run(&stage, &local, &|piece| {
+                let m = basis::jacobian_metric(model, piece, cfg, &layers, l, q, &points, formula)?;
+                Ok(metric_partial(&m, piece.len()))
+            })?;
+            Ok(p.map(|p| metric_from(&p)))
+        };
         let next = bases.last();
-        let basis = basis::node_basis(model, data, cfg, &layers, l, &moments[l], next, &points)
-            .with_context(|| format!("basis of node layer `{}`", layer.name))?;
+        let basis = basis::node_basis(
+            cfg,
+            &layers,
+            l,
+            positions[l],
+            &moments[l],
+            next,
+            &mut metric,
+        )
+        .with_context(|| format!("basis of node layer `{}`", layer.name))?;
+        let Some(mut basis) = basis else {
+            return Ok((Outcome::Pending(vec![stage]), log(runner)));
+        };
+        if let Distribution::Ranks(comm) = opts.distribution {
+            share_basis(comm, &mut basis);
+        }
         bases.push(basis);
     }
     bases.reverse();
     timings.push(("bases".to_string(), t.elapsed().as_secs_f64()));
 
+    // Edges (section 5): every section's given all bases.
     let t = Instant::now();
     let mut edge_mats = Vec::new();
+    let mut pending = Vec::new();
     if cfg.edge_formula != EdgeFormula::None {
         for l in 0..layers.len() - 1 {
-            let e = edges::edges(
-                model,
-                data,
-                cfg,
-                &layers,
-                l,
-                &bases[l],
-                &bases[l + 1],
-                &points,
-            )
-            .with_context(|| format!("edges {} -> {}", layers[l].name, layers[l + 1].name))?;
-            edge_mats.push(e);
+            let stage = format!("edges.{}", layers[l].name);
+            let e = runner
+                .run(&stage, &local, &|piece| {
+                    let e = edges::edges(
+                        model,
+                        piece,
+                        cfg,
+                        &layers,
+                        l,
+                        &bases[l],
+                        &bases[l + 1],
+                        &points,
+                    )?;
+                    Ok(mat_partial("edges", &e, piece.len()))
+                })
+                .with_context(|| format!("edges {} -> {}", layers[l].name, layers[l + 1].name))?;
+            match e {
+                Some(p) => edge_mats.push(mat_from(&p, "edges")),
+                None => pending.push(stage),
+            }
         }
+    }
+    if !pending.is_empty() {
+        return Ok((Outcome::Pending(pending), log(runner)));
     }
     timings.push(("edges".to_string(), t.elapsed().as_secs_f64()));
     timings.push(("total".to_string(), t0.elapsed().as_secs_f64()));
-    Ok(Graph {
+    let graph = Graph {
         layers: bases,
         edges: edge_mats,
         timings,
-    })
+    };
+    Ok((Outcome::Graph(graph), log(runner)))
+}
+
+/// Per-layer sums of [`stats::Moments`] as a stage partial (the reference points fixed).
+fn moments_partial(layers: &[NodeLayer], m: &[stats::Moments], samples: usize) -> Partial {
+    let mut p = Partial {
+        samples,
+        ..Partial::default()
+    };
+    for (layer, m) in layers.iter().zip(m) {
+        let name = &layer.name;
+        let d = m.sum.len();
+        p.sums.insert(
+            format!("{name}/rows"),
+            HostTensor::new(vec![1], vec![m.rows]),
+        );
+        p.sums.insert(
+            format!("{name}/sum"),
+            HostTensor::new(vec![d], m.sum.clone()),
+        );
+        if m.has_gram() {
+            p.sums
+                .insert(format!("{name}/outer"), HostTensor::from_mat(&m.outer));
+        }
+        p.fixed.insert(
+            format!("{name}/shift"),
+            HostTensor::new(vec![d], m.shift.clone()),
+        );
+    }
+    p
+}
+
+/// The inverse of [`moments_partial`].
+fn moments_from(layers: &[NodeLayer], p: &Partial) -> anyhow::Result<Vec<stats::Moments>> {
+    layers
+        .iter()
+        .map(|layer| {
+            let name = &layer.name;
+            let get = |t: &Tensors, k: &str| {
+                t.get(&format!("{name}/{k}"))
+                    .cloned()
+                    .with_context(|| format!("stage `{STATS}` holds no `{name}/{k}`"))
+            };
+            let shift = get(&p.fixed, "shift")?.data;
+            let sum = get(&p.sums, "sum")?.data;
+            if sum.len() != shift.len() {
+                bail!(
+                    "stage `{STATS}`: `{name}` has sums of {} features and a shift of {}",
+                    sum.len(),
+                    shift.len()
+                );
+            }
+            let mut m = match p.sums.get(&format!("{name}/outer")) {
+                Some(o) => {
+                    let outer = o
+                        .to_mat()
+                        .filter(|o| o.nrows() == sum.len() && o.ncols() == sum.len());
+                    let outer = outer.with_context(|| {
+                        format!(
+                            "stage `{STATS}`: `{name}/outer` is not {0} x {0}",
+                            sum.len()
+                        )
+                    })?;
+                    stats::Moments {
+                        outer,
+                        ..stats::Moments::new(shift)
+                    }
+                }
+                None => stats::Moments::mean_only(shift),
+            };
+            m.sum = sum;
+            m.rows = get(&p.sums, "rows")?.data[0];
+            Ok(m)
+        })
+        .collect()
+}
+
+/// An average over `samples` samples as the sum a stage partial holds.
+fn mat_partial(name: &str, avg: &Mat<f64>, samples: usize) -> Partial {
+    let mut p = Partial {
+        samples,
+        ..Partial::default()
+    };
+    let sum = avg * faer::Scale(samples as f64);
+    p.sums.insert(name.to_string(), HostTensor::from_mat(&sum));
+    p
+}
+
+/// The average over all samples of a stage partial's matrix `name`.
+fn mat_from(p: &Partial, name: &str) -> Mat<f64> {
+    let m = p.sums[name].to_mat().expect("a matrix");
+    m * faer::Scale(1.0 / p.samples as f64)
+}
+
+fn metric_partial(m: &basis::Metric, samples: usize) -> Partial {
+    let mut p = mat_partial("m", &m.m, samples);
+    if let Some(lp) = &m.lambda_prime {
+        let sum = lp * faer::Scale(samples as f64);
+        p.sums
+            .insert("lambda_prime".to_string(), HostTensor::from_mat(&sum));
+    }
+    p
+}
+
+fn metric_from(p: &Partial) -> basis::Metric {
+    basis::Metric {
+        m: mat_from(p, "m"),
+        lambda_prime: p
+            .sums
+            .contains_key("lambda_prime")
+            .then(|| mat_from(p, "lambda_prime")),
+    }
+}
+
+/// Rank 0's basis on every rank (the ranks computed it from the same sums; rank 0's is the one
+/// written, so the edges of every rank use exactly it).
+fn share_basis(comm: &dyn Collective, basis: &mut NodeBasis) {
+    for m in [&mut basis.c, &mut basis.c_pinv] {
+        let mut v: Vec<f64> = match m {
+            Some(m) => {
+                let mut v = vec![m.nrows() as f64, m.ncols() as f64];
+                v.extend(
+                    m.col_iter()
+                        .flat_map(|c| c.iter().copied().collect::<Vec<_>>()),
+                );
+                v
+            }
+            None => vec![],
+        };
+        comm.broadcast(&mut v);
+        *m = (v.len() >= 2).then(|| {
+            let (r, c) = (v[0] as usize, v[1] as usize);
+            Mat::from_fn(r, c, |i, j| v[2 + j * r + i])
+        });
+    }
+    comm.broadcast(&mut basis.lambda);
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use crate::models::Model;
 use crate::tensor::Batch;
 use faer::Mat;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -80,6 +82,15 @@ where
     }
     pb.finish_and_clear();
     total.unwrap_or_else(init)
+}
+
+/// The random stream of sample `index` (of the whole dataset, [`Dataset::first_sample`]
+/// included) in a pass seeded `seed`: the sign vectors of stochastic sources depend on the
+/// sample alone, never on the batching, so shards, MPI ranks and resumed builds draw the same.
+pub fn sample_rng(seed: u64, index: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index as u64);
+    rng
 }
 
 /// Positions per sample at module `index`'s input.
@@ -238,6 +249,9 @@ impl Dataset for Prefix<'_> {
     fn cached(&self, index: usize, range: Range<usize>) -> Option<Batch> {
         self.layer(index).map(|acts| rows(acts, range))
     }
+    fn first_sample(&self) -> usize {
+        self.inner.first_sample()
+    }
 }
 
 /// Samples `range` of a cached node layer.
@@ -257,14 +271,37 @@ pub fn moments(
     grams: &[bool],
     batch: usize,
 ) -> anyhow::Result<Vec<Moments>> {
+    let shifts = moment_shifts(model, data, layers, batch)?;
+    moments_about(model, data, layers, grams, &shifts, batch)
+}
+
+/// The reference point of each node layer's sums ([`Moments::shift_for`]): from the first batch
+/// of `data`, so every shard of a build, given the whole dataset here, shares it.
+pub fn moment_shifts(
+    model: &Model,
+    data: &dyn Dataset,
+    layers: &[NodeLayer],
+    batch: usize,
+) -> anyhow::Result<Vec<Vec<f64>>> {
     let first = node_activations(model, data, layers, 0..batch.min(data.len()));
     for (b, layer) in first.iter().zip(layers) {
         check_finite(b, &layer.name)?;
     }
-    let shifts: Vec<Vec<f64>> = first
+    Ok(first
         .iter()
         .map(|b| Moments::shift_for(b.data.as_ref()))
-        .collect();
+        .collect())
+}
+
+/// [`moments`] about given reference points `shifts`.
+pub fn moments_about(
+    model: &Model,
+    data: &dyn Dataset,
+    layers: &[NodeLayer],
+    grams: &[bool],
+    shifts: &[Vec<f64>],
+    batch: usize,
+) -> anyhow::Result<Vec<Moments>> {
     let result = fold(
         data,
         batch,

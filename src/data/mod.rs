@@ -41,6 +41,63 @@ pub trait Dataset: Send + Sync {
     fn cached(&self, _index: usize, _range: Range<usize>) -> Option<Batch> {
         None
     }
+    /// Index of sample 0 in the whole dataset this one is a slice of ([`Samples`]): what
+    /// stochastic sign vectors are seeded by, so that every shard and MPI rank draws the same
+    /// signs for the same sample.
+    fn first_sample(&self) -> usize {
+        0
+    }
+}
+
+/// Samples `range` of a dataset, renumbered from 0: a shard's block, or one checkpointed piece
+/// of a stage.
+pub struct Samples<'a> {
+    inner: &'a dyn Dataset,
+    range: Range<usize>,
+}
+
+impl<'a> Samples<'a> {
+    /// `range` must lie within `0..inner.len()`.
+    pub fn new(inner: &'a dyn Dataset, range: Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= inner.len());
+        Self { inner, range }
+    }
+
+    fn shift(&self, r: Range<usize>) -> Range<usize> {
+        self.range.start + r.start..self.range.start + r.end
+    }
+}
+
+impl Dataset for Samples<'_> {
+    fn len(&self) -> usize {
+        self.range.len()
+    }
+    fn inputs(&self, range: Range<usize>) -> Batch {
+        self.inner.inputs(self.shift(range))
+    }
+    fn labels(&self, range: Range<usize>) -> Vec<usize> {
+        self.inner.labels(self.shift(range))
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} (samples {}..{})",
+            self.inner.describe(),
+            self.range.start,
+            self.range.end
+        )
+    }
+    fn next_token_targets(&self) -> bool {
+        self.inner.next_token_targets()
+    }
+    fn start(&self) -> usize {
+        self.inner.start()
+    }
+    fn cached(&self, index: usize, range: Range<usize>) -> Option<Batch> {
+        self.inner.cached(index, self.shift(range))
+    }
+    fn first_sample(&self) -> usize {
+        self.inner.first_sample() + self.range.start
+    }
 }
 
 /// The first `n` samples of a shared dataset (a pilot, or a `n_samples` limit).
@@ -71,5 +128,8 @@ impl Dataset for First {
     }
     fn next_token_targets(&self) -> bool {
         self.inner.next_token_targets()
+    }
+    fn first_sample(&self) -> usize {
+        self.inner.first_sample()
     }
 }
