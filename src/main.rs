@@ -1,8 +1,9 @@
 //! The `ibasis` command line: a thin layer over the library's experiments.
 
 use clap::{Parser, Subcommand};
+use ibasis::algorithm::{self, stages::Collective};
 use ibasis::experiments::{
-    ablate, bench, build, clustering, config, eval, explorer, pipeline, plan, train,
+    ablate, bench, build, clustering, config, eval, explorer, pipeline, plan, ranks, train,
 };
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,8 @@ enum Command {
         model: Option<PathBuf>,
     },
     /// Build the LIB (or PCA / neuron) graph a config describes: OUT/graph.safetensors + graph.json.
+    /// Stages are kept in OUT/stages; a build on a folder with stage files resumes from them.
+    /// Under `mpirun -np N` (built with `--features mpi`) the ranks share every stage.
     Build {
         config: PathBuf,
         #[arg(long)]
@@ -51,6 +54,21 @@ enum Command {
         /// Model file to use instead of the config's.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Sum block I (0-based) of N contiguous blocks of the samples for the next stage,
+        /// write its pieces to OUT/stages and stop; `ibasis merge` adds the shards' pieces.
+        #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+        shard: Option<(usize, usize)>,
+        /// Reuse stage files whose own inputs are unchanged although the config changed (e.g.
+        /// new edges on saved bases: the statistics and bases are kept).
+        #[arg(long)]
+        reuse_stages: bool,
+    },
+    /// Add the stage pieces of `ibasis build --shard` runs (in one folder or several) into
+    /// DIR[0]/stages, then go on: the graph when every stage is complete, else the stage the
+    /// shards compute next.
+    Merge {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
     },
     /// Estimate a build's FLOPs, peak memory and time from a pilot run on a few samples.
     Plan {
@@ -142,6 +160,37 @@ enum Command {
     },
 }
 
+/// `I/N` with `I < N`.
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not I/N (e.g. 0/4)"))?;
+    let i: usize = i.trim().parse().map_err(|_| format!("`{i}` is not a shard index"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("`{n}` is not a shard count"))?;
+    if n == 0 || i >= n {
+        return Err(format!("shard {i}/{n}: the index must be 0..{n} (0-based)"));
+    }
+    Ok((i, n))
+}
+
+/// What to run after a shard stopped.
+fn next_shards(out: &std::path::Path, shard: Option<(usize, usize)>) -> String {
+    format!(
+        "once all {} shards are done, `ibasis merge {}`",
+        shard.map_or(1, |s| s.1),
+        out.display()
+    )
+}
+
+fn describe_outcome(outcome: &algorithm::Outcome, title: &str, next: &str) {
+    match outcome {
+        algorithm::Outcome::Graph(graph) => print!("{}", build::summarise(graph, title)),
+        algorithm::Outcome::Pending(stages) => {
+            println!("{title}: stages {} pending; {next}", stages.join(", "))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = run(cli.command);
@@ -167,15 +216,41 @@ fn run(command: Command) -> anyhow::Result<()> {
             let s = pipeline::run_pipeline(&config, &out, model.as_deref(), delta, gamma)?;
             println!("{}", pipeline::describe(&s));
         }
-        Command::Build { config, out, model } => {
-            let (graph, _) = build::run_build(&config, &out, model.as_deref())?;
-            print!(
-                "{}",
-                build::summarise(
-                    &graph,
-                    &format!("{} -> {}", config.display(), out.display())
-                )
+        Command::Build {
+            config,
+            out,
+            model,
+            shard,
+            reuse_stages,
+        } => {
+            let ranks = ranks::init()?;
+            if ranks.is_some() && shard.is_some() {
+                anyhow::bail!("--shard and MPI ranks do not mix: use one or the other");
+            }
+            let req = build::BuildRequest {
+                shard,
+                reuse_stages,
+                ranks: ranks.as_ref().map(|r| r as &dyn Collective),
+            };
+            let (built, _) = build::run_build(&config, &out, model.as_deref(), &req)?;
+            if built.writes {
+                let title = format!("{} -> {}", config.display(), out.display());
+                print!("{}", build::describe_stages(&built.stages));
+                describe_outcome(&built.outcome, &title, &next_shards(&out, shard));
+            }
+        }
+        Command::Merge { dirs } => {
+            let m = build::run_merge(&dirs)?;
+            for (stage, pieces) in &m.stages {
+                println!("  stage {stage}: merged {pieces} pieces");
+            }
+            let title = format!("{} -> {}", m.config_file, m.out.display());
+            let next = format!(
+                "run the shards again (`ibasis build {} --shard I/N --out {}`), then `ibasis merge` again",
+                m.config_file,
+                m.out.display()
             );
+            describe_outcome(&m.built.outcome, &title, &next);
         }
         Command::Plan { config, model } => {
             let p = plan::run_plan(&config, model.as_deref())?;

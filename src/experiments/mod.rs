@@ -13,6 +13,7 @@ pub mod fourier;
 pub mod modularity;
 pub mod pipeline;
 pub mod plan;
+pub mod ranks;
 pub mod report;
 pub mod train;
 pub mod view;
