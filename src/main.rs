@@ -165,8 +165,14 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let (i, n) = s
         .split_once('/')
         .ok_or_else(|| format!("`{s}` is not I/N (e.g. 0/4)"))?;
-    let i: usize = i.trim().parse().map_err(|_| format!("`{i}` is not a shard index"))?;
-    let n: usize = n.trim().parse().map_err(|_| format!("`{n}` is not a shard count"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{i}` is not a shard index"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{n}` is not a shard count"))?;
     if n == 0 || i >= n {
         return Err(format!("shard {i}/{n}: the index must be 0..{n} (0-based)"));
     }

@@ -256,8 +256,7 @@ impl StageStore {
         if !path.exists() {
             return Ok(None);
         }
-        let (p, _) = self.read(&path, stage)?;
-        Ok(Some(p))
+        self.read(&path, stage)
     }
 
     /// The pieces of `stage` on disk that lie within `within`, in sample order, without
@@ -277,31 +276,29 @@ impl StageStore {
             if out.last().is_some_and(|(prev, _)| prev.end > r.start) {
                 continue;
             }
-            let (p, _) = self.read(&path, stage)?;
-            out.push((r, p));
+            if let Some(p) = self.read(&path, stage)? {
+                out.push((r, p));
+            }
         }
         Ok(out)
     }
 
-    /// Reads a stage file, refusing one of another stage or build.
-    fn read(&self, path: &Path, stage: &str) -> anyhow::Result<(Partial, Identity)> {
+    /// Reads a stage file, refusing one of another stage or build; with `reuse`, a file whose
+    /// own inputs changed is `None` instead (the stage is computed afresh and overwrites it).
+    fn read(&self, path: &Path, stage: &str) -> anyhow::Result<Option<Partial>> {
         let (p, meta) = read_stage_file(path)?;
         if meta.get("stage").map(String::as_str) != Some(stage) {
             bail!("stage file {} is not of stage `{stage}`", path.display());
         }
         let id = identity_of(&meta);
-        if let Some(diff) = self.identity.first_difference(&id, stage, self.reuse) {
-            let hint = if self.reuse {
-                "remove it (or the whole stages folder) to recompute it"
-            } else {
-                "remove the stages folder to start afresh, or pass --reuse-stages to keep the stages this change leaves valid"
-            };
-            bail!(
-                "stage file {} was written by a different build: {diff}; {hint}",
+        match self.identity.first_difference(&id, stage, self.reuse) {
+            None => Ok(Some(p)),
+            Some(_) if self.reuse => Ok(None),
+            Some(diff) => bail!(
+                "stage file {} was written by a different build: {diff}; remove the stages folder to start afresh, or pass --reuse-stages to keep only the stages this change leaves valid",
                 path.display()
-            );
+            ),
         }
-        Ok((p, id))
     }
 
     pub fn write_piece(&self, stage: &str, r: &Range<usize>, p: &Partial) -> anyhow::Result<()> {
@@ -721,11 +718,15 @@ mod tests {
         assert!(err.contains("[lib] tau"), "{err}");
         let reuse = StageStore::new(dir.path(), Identity::new(&lib2, "m1", "d1", 10), true);
         assert!(reuse.complete(STATS).unwrap().is_some());
-        assert!(reuse.pieces("metric.x", &(0..10)).is_err());
-        // Another model: refused even with reuse.
-        let other = StageStore::new(dir.path(), Identity::new(&lib, "m2", "d1", 10), true);
+        // ...and a basis stage, which depends on tau, is computed afresh.
+        assert!(reuse.pieces("metric.x", &(0..10)).unwrap().is_empty());
+        assert!(strict.pieces("metric.x", &(0..10)).is_err());
+        // Another model: refused, naming it; with reuse not even the statistics are kept.
+        let other = StageStore::new(dir.path(), Identity::new(&lib, "m2", "d1", 10), false);
         let err = format!("{:#}", other.complete(STATS).unwrap_err());
         assert!(err.contains("model is m1 there and m2 here"), "{err}");
+        let other = StageStore::new(dir.path(), Identity::new(&lib, "m2", "d1", 10), true);
+        assert!(other.complete(STATS).unwrap().is_none());
         // A truncated file: a clear error, no panic.
         let path = dir.path().join("stages").join("stats.safetensors");
         let bytes = std::fs::read(&path).unwrap();

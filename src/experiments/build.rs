@@ -137,7 +137,8 @@ fn finish(
     load_s: f64,
 ) -> anyhow::Result<Built> {
     let (mut outcome, stages) = algorithm::build_staged(model, data, &cfg.lib, opts)?;
-    let writes = opts.distribution.writes() && !matches!(opts.distribution, Distribution::Shard { .. });
+    let writes =
+        opts.distribution.writes() && !matches!(opts.distribution, Distribution::Shard { .. });
     if let (Outcome::Graph(graph), true) = (&mut outcome, writes) {
         graph.timings.insert(0, ("load".to_string(), load_s));
         let mut json = serde_json::to_value(cfg)?;
@@ -197,7 +198,15 @@ pub fn run_merge(dirs: &[PathBuf]) -> anyhow::Result<Merged> {
         assemble_only: true,
     };
     let load_s = t.elapsed().as_secs_f64();
-    let built = finish(&cfg, &config_file, &out, &model, data.as_ref(), &opts, load_s)?;
+    let built = finish(
+        &cfg,
+        &config_file,
+        &out,
+        &model,
+        data.as_ref(),
+        &opts,
+        load_s,
+    )?;
     Ok(Merged {
         stages: merged,
         built,
@@ -252,7 +261,12 @@ fn fingerprint_data(cfg: &RunConfig, data: &dyn Dataset) -> anyhow::Result<Strin
     let n = data.len();
     let mut crc = crc32fast::Hasher::new();
     for r in [0..n.min(16), n.saturating_sub(16)..n] {
-        for v in data.inputs(r).data.col_iter().flat_map(|c| c.iter().copied().collect::<Vec<_>>()) {
+        for v in data
+            .inputs(r)
+            .data
+            .col_iter()
+            .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
+        {
             crc.update(&v.to_le_bytes());
         }
     }
