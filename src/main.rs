@@ -157,6 +157,9 @@ enum Command {
         /// Repetitions per job (the table shows the fastest).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Also the 3-block SmolLM2 build at 1 and 2 ranks (about half an hour a row).
+        #[arg(long)]
+        language_models: bool,
     },
 }
 
@@ -355,7 +358,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("-> {}", j.display());
             }
         }
-        Command::Bench { repeat } => bench::run(repeat)?,
+        Command::Bench {
+            repeat,
+            language_models,
+        } => bench::run(repeat, language_models)?,
     }
     Ok(())
 }
