@@ -109,24 +109,22 @@ fn build_sharded(config: &Path, out: &Path, count: usize) {
 }
 
 /// One process, then three shards merged, on the same config: same graph.
-fn shards_match_one_process(config: &Path, name: &str) -> PathBuf {
+fn shards_match_one_process(config: &Path, name: &str) {
     let one = tmp(&format!("{name}-one"));
-    ok(&["build", s(config), "--out", s(&one)]);
+    let text = ok(&["build", s(config), "--out", s(&one)]);
+    eprintln!("{name}, one process:\n{text}");
     let sharded = tmp(&format!("{name}-shards"));
     build_sharded(config, &sharded, 3);
     assert_same(&one, &sharded, &format!("{name}: 3 shards + merge"));
     let _ = std::fs::remove_dir_all(&sharded);
-    one
+    let _ = std::fs::remove_dir_all(&one);
 }
 
 const MODADD: &str = "configs/modadd-lib.toml";
 
 #[test]
 fn modadd_shards_match_one_process() {
-    let one = shards_match_one_process(&root().join(MODADD), "modadd");
-    #[cfg(feature = "mpi")]
-    ranks_match_one_process(&root().join(MODADD), &one, "modadd");
-    let _ = std::fs::remove_dir_all(one);
+    shards_match_one_process(&root().join(MODADD), "modadd");
 }
 
 /// A config of the published MNIST MLP on the first `n` training images (absolute paths, so
@@ -164,20 +162,49 @@ fn mnist_subset_shards_match_one_process() {
     ]);
     let dir = tmp("mnist-config");
     let config = mnist_config(&dir, 2900);
-    let one = shards_match_one_process(&config, "mnist");
-    #[cfg(feature = "mpi")]
-    ranks_match_one_process(&config, &one, "mnist");
-    let _ = std::fs::remove_dir_all(one);
+    shards_match_one_process(&config, "mnist");
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `mpirun -np 2 ibasis build`: the same graph as one process (`one`).
+/// The MPI tests (`--features mpi`; `cargo test --features mpi --test stages ranks`).
 #[cfg(feature = "mpi")]
-fn ranks_match_one_process(config: &Path, one: &Path, name: &str) {
+mod ranks {
+    use super::*;
+
+    #[test]
+    fn modadd_ranks_match_one_process() {
+        ranks_match_one_process(&root().join(MODADD), "modadd");
+    }
+
+    #[test]
+    #[ignore = "needs data/mnist (scripts/fetch-data.sh mnist) and ../shared/reference"]
+    fn mnist_subset_ranks_match_one_process() {
+        require(&[
+            "data/mnist",
+            "../shared/reference/mnist-mlp/model_epoch_12.pt",
+        ]);
+        let dir = tmp("mnist-config-ranks");
+        ranks_match_one_process(&mnist_config(&dir, 2900), "mnist");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stochastic_sources_agree_across_ranks() {
+        let dir = tmp("stochastic-ranks");
+        ranks_match_one_process(&stochastic_config(&dir), "modadd-stochastic");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// `mpirun -np 2 ibasis build`: the same graph as one process.
+#[cfg(feature = "mpi")]
+fn ranks_match_one_process(config: &Path, name: &str) {
     if Command::new("mpirun").arg("--version").output().is_err() {
         eprintln!("SKIPPED {name} with 2 MPI ranks: no mpirun (Debian: openmpi-bin)");
         return;
     }
+    let one = tmp(&format!("{name}-one-process"));
+    ok(&["build", s(config), "--out", s(&one)]);
     let ranked = tmp(&format!("{name}-ranks"));
     let out = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
@@ -193,8 +220,9 @@ fn ranks_match_one_process(config: &Path, one: &Path, name: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same(one, &ranked, &format!("{name}: 2 MPI ranks"));
+    assert_same(&one, &ranked, &format!("{name}: 2 MPI ranks"));
     let _ = std::fs::remove_dir_all(ranked);
+    let _ = std::fs::remove_dir_all(one);
 }
 
 /// The stage pieces (`NAME.samples-A-B.safetensors`) in `out/stages`.
@@ -337,4 +365,39 @@ fn stage_files_of_another_config_are_refused_or_reused_on_request() {
         "the error names the file:\n{text}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Stochastic sign sources (method.md 5 and 7) seeded by global sample index: shards (and
+/// ranks) draw the signs one process draws. The model keeps all three positions (no
+/// `last_pos_module_type`), so the attention section ln1.0 -> ln2.0 mixes positions and its
+/// `M'` and edges depend on the signs (another `[lib] seed` moves ln1.0's Lambdas and edge
+/// total by ~1%; the per-position sections after it are exact whatever the signs).
+#[test]
+fn stochastic_sources_agree_across_shards() {
+    let dir = tmp("stochastic");
+    shards_match_one_process(&stochastic_config(&dir), "modadd-stochastic");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The shipped modular-addition model at all three positions, with sign sources for the
+/// bases and the edges, on a 10% training split (1277 pairs: the general path of a
+/// three-position section is ~20x the closed forms' cost).
+fn stochastic_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join(MODADD))
+        .unwrap()
+        .replace("frac_train = 0.6", "frac_train = 0.1")
+        .replace("last_pos_module_type = \"add_resid1\"\n", "")
+        .replace(
+            "node_layers = [\"ln1.0\", \"ln2.0\", \"unembed\", \"output\"]",
+            "node_layers = [\"ln1.0\", \"ln2.0\", \"unembed\", \"output\"]\nn_stochastic_sources_pos = 2",
+        )
+        .replace(
+            "edge_formula = \"squared\"",
+            "edge_formula = \"stochastic\"\nn_stochastic_sources_edges = 2",
+        );
+    assert!(text.contains("n_stochastic_sources_pos") && text.contains("frac_train = 0.1"));
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("modadd-stochastic.toml");
+    std::fs::write(&config, text).unwrap();
+    config
 }
