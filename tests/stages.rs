@@ -263,8 +263,9 @@ fn modadd_with(dir: &Path, key: &str, value: &str) -> PathBuf {
 #[test]
 fn killed_build_resumes_to_the_same_graph() {
     let dir = tmp("kill");
-    // Small batches: many pieces per stage, each written as it completes.
-    let config = modadd_with(&dir, "batch_size", "16");
+    // Stages long enough to be checkpointed (the general path through the position-mixing
+    // attention: several seconds), each piece written as it completes.
+    let config = stochastic_config(&dir);
     let one = dir.join("one");
     ok(&["build", s(&config), "--out", s(&one)]);
 
