@@ -13,9 +13,14 @@ fn published_mnist_mlp_matches_reference() {
     ]);
     chdir_root();
     let out = tmp("mnist-lib");
-    let (g, _) =
-        ibasis::experiments::build::run_build("configs/mnist-lib.toml".as_ref(), &out, None)
-            .unwrap();
+    let (built, _) = ibasis::experiments::build::run_build(
+        "configs/mnist-lib.toml".as_ref(),
+        &out,
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    let g = built.into_graph().unwrap();
     let expected: [(&str, [f64; 5]); 3] = [
         ("layers.0", [378.05, 246.54, 212.38, 127.32, 114.69]),
         ("layers.1", [419.15, 243.67, 186.55, 102.96, 92.52]),

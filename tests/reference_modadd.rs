@@ -27,13 +27,19 @@ fn check_leading(g: &Graph, layer: usize, want: &[f64], tol: f64) {
     }
 }
 
+/// `ibasis build CONFIG --out OUT` in this process: the graph and the config.
+fn build(config: &str, out: &std::path::Path) -> (ibasis::algorithm::Graph, config::RunConfig) {
+    let (built, cfg) = run_build(config.as_ref(), out, None, &Default::default()).unwrap();
+    (built.into_graph().unwrap(), cfg)
+}
+
 #[test]
 #[ignore = "needs the published models in ../shared/reference"]
 fn published_modadd_seed0_matches_reference() {
     require(&[MODEL]);
     chdir_root();
     let out = tmp("modadd-lib");
-    let (lib, cfg) = run_build("configs/published-modadd-lib.toml".as_ref(), &out, None).unwrap();
+    let (lib, cfg) = build("configs/published-modadd-lib.toml", &out);
     let dims: Vec<(usize, usize)> = lib.layers.iter().map(|b| (b.d_orig, b.pos)).collect();
     assert_eq!(dims, vec![(129, 3), (129, 1), (129, 1), (114, 1)]);
 
@@ -81,7 +87,7 @@ fn published_modadd_seed0_matches_reference() {
 
     // PCA: eigenvalues, constant-to-constant edges 1/3 and 1, same unembed -> output total.
     let pca_out = tmp("modadd-pca");
-    let (pca, _) = run_build("configs/published-modadd-pca.toml".as_ref(), &pca_out, None).unwrap();
+    let (pca, _) = build("configs/published-modadd-pca.toml", &pca_out);
     check_leading(&pca, 0, &[1.0, 2.41637, 0.145251, 0.121936, 0.114763], 1e-6);
     check_leading(&pca, 1, &[1.0, 34.2992, 24.4896, 23.3441, 20.015], 1e-6);
     check_leading(&pca, 2, &[1.0, 1104.15, 785.527, 501.439, 372.91], 1e-6);

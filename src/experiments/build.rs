@@ -35,6 +35,16 @@ pub struct Built {
     pub writes: bool,
 }
 
+impl Built {
+    /// The graph, or an error naming the stages still pending (a shard's build).
+    pub fn into_graph(self) -> anyhow::Result<Graph> {
+        match self.outcome {
+            Outcome::Graph(g) => Ok(g),
+            Outcome::Pending(s) => bail!("stages {s:?} are pending"),
+        }
+    }
+}
+
 /// The file in `OUT/stages` that lets `ibasis merge` go on where the shards stopped: the
 /// config as the shards ran it (model override applied) and the file it came from.
 const BUILD_FILE: &str = "build.json";
@@ -58,10 +68,7 @@ pub fn run_build(
 /// Builds the graph of an already loaded config (`source` names it in `graph.json`) in one
 /// process, keeping no stage files (`ibasis run`'s graphs).
 pub fn build_config(cfg: &RunConfig, source: &str, out: &Path) -> anyhow::Result<Graph> {
-    match build_staged(cfg, source, out, None)?.outcome {
-        Outcome::Graph(g) => Ok(g),
-        Outcome::Pending(s) => bail!("stages {s:?} were left pending"),
-    }
+    build_staged(cfg, source, out, None)?.into_graph()
 }
 
 /// The build behind [`run_build`] and [`build_config`]: with `req`, stage files in
