@@ -198,9 +198,11 @@ fn a_killed_build_leaves_the_old_pair_or_the_new_pair() {
     };
     let old_cfg = write("old.toml", &["unembed", "output"]);
     let new_cfg = write("new.toml", &["ln2.0", "unembed", "output"]);
+    // `--reuse-stages`: the two configs share one folder, whose stage files of the other config
+    // are recomputed instead of refused (tests/stages.rs checks the refusal).
     let build = |cfg: &Path| {
         Command::new(env!("CARGO_BIN_EXE_ibasis"))
-            .args(["build", cfg.to_str().unwrap(), "--out"])
+            .args(["build", cfg.to_str().unwrap(), "--reuse-stages", "--out"])
             .arg(&out)
             .current_dir(root())
             .stdout(std::process::Stdio::null())

@@ -91,6 +91,9 @@ fn build_staged(
         None => model,
     };
     let load_s = t.elapsed().as_secs_f64();
+    // Refuse a bad config before the first file is written: no output folder for it.
+    algorithm::resolve_node_layers(&model, &cfg.lib.node_layers)?;
+    cfg.lib.check()?;
     let distribution = match req {
         Some(BuildRequest {
             ranks: Some(comm), ..
