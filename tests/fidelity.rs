@@ -73,14 +73,17 @@ fn center_defaults_to_true_and_the_last_layer_stays_in_neurons_unless_rotated() 
     assert!(unembed.c.is_none() && unembed.lambda.is_empty());
     assert_eq!(g.edges[0].nrows(), unembed.d_orig);
 
-    let (ok, err) = build(&dir, &modadd("rotate_final_node_layer = true"));
+    // Another folder: the first build's stage files are of another config (refused).
+    let rotated = tmp("rotate-final-rotated");
+    let (ok, err) = build(&rotated, &modadd("rotate_final_node_layer = true"));
     assert!(ok, "{err}");
-    let (g, _) = Graph::load(&dir.join("out")).unwrap();
+    let (g, _) = Graph::load(&rotated.join("out")).unwrap();
     let unembed = &g.layers[1];
     let c = unembed.c.as_ref().expect("rotated: a PCA basis");
     assert_eq!(g.edges[0].nrows(), c.ncols());
     assert_eq!(unembed.lambda.len(), c.ncols());
     let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(rotated);
 }
 
 #[test]
