@@ -80,70 +80,65 @@ const SMOLLM2_BUILD: &[&str] = &[
     "out/bench/smollm2-lib",
 ];
 
+/// A build at `ranks` MPI ranks (1: a plain process) of `threads` rayon threads each.
+const fn scaled(
+    name: &'static str,
+    args: &'static [&'static str],
+    needs: &'static [&'static str],
+    ranks: usize,
+    threads: usize,
+) -> Job {
+    Job {
+        ranks,
+        threads: Some(threads),
+        ..job(name, args, needs, "-", None)
+    }
+}
+
 /// Scale-out rows: on a 2-core machine one process with 2 threads against 2 MPI ranks with
 /// one thread each is the honest comparison (1 x 1 shows what either gains from the second
 /// core).
 const SCALE_OUT: &[Job] = &[
-    Job {
-        ranks: 1,
-        threads: Some(1),
-        ..job(
-            "MNIST build, 1 process x 1 thread",
-            MNIST_BUILD,
-            MNIST_NEEDS,
-            "-",
-            None,
-        )
-    },
-    Job {
-        ranks: 1,
-        threads: Some(2),
-        ..job(
-            "MNIST build, 1 process x 2 threads",
-            MNIST_BUILD,
-            MNIST_NEEDS,
-            "-",
-            None,
-        )
-    },
-    Job {
-        ranks: 2,
-        threads: Some(1),
-        ..job(
-            "MNIST build, 2 MPI ranks x 1 thread",
-            MNIST_BUILD,
-            MNIST_NEEDS,
-            "-",
-            None,
-        )
-    },
+    scaled(
+        "MNIST build, 1 process x 1 thread",
+        MNIST_BUILD,
+        MNIST_NEEDS,
+        1,
+        1,
+    ),
+    scaled(
+        "MNIST build, 1 process x 2 threads",
+        MNIST_BUILD,
+        MNIST_NEEDS,
+        1,
+        2,
+    ),
+    scaled(
+        "MNIST build, 2 MPI ranks x 1 thread",
+        MNIST_BUILD,
+        MNIST_NEEDS,
+        2,
+        1,
+    ),
 ];
 
 /// The 3-block SmolLM2 build at 1 and 2 ranks (`ibasis bench --language-models`: about half an
 /// hour a row).
 const SCALE_OUT_LM: &[Job] = &[
-    Job {
-        ranks: 1,
-        threads: Some(2),
-        ..job(
-            "SmolLM2 3 blocks, 1 process x 2 threads",
-            SMOLLM2_BUILD,
-            SMOLLM2_NEEDS,
-            "-",
-            None,
-        )
-    },
-    Job {
-        ranks: 2,
-        threads: Some(1),
-        ..job(
-            "SmolLM2 3 blocks, 2 MPI ranks x 1 thread",
-            SMOLLM2_BUILD,
-            SMOLLM2_NEEDS,
-            "-",
-            None,
-        )
-    },
+    scaled(
+        "SmolLM2 3 blocks, 1 process x 2 threads",
+        SMOLLM2_BUILD,
+        SMOLLM2_NEEDS,
+        1,
+        2,
+    ),
+    scaled(
+        "SmolLM2 3 blocks, 2 MPI ranks x 1 thread",
+        SMOLLM2_BUILD,
+        SMOLLM2_NEEDS,
+        2,
+        1,
+    ),
 ];
 
 const JOBS: &[Job] = &[
