@@ -1,6 +1,7 @@
 //! `ibasis run --out DIR` replaces DIR as one unit: a failed or killed run leaves the previous
-//! run as it was (what is unfinished sits in a `DIR.partial-PID` folder), a finished one leaves
-//! no file of the previous run behind.
+//! run as it was (what is unfinished sits in a `DIR.partial-PID` folder, the builds' stage files
+//! in `DIR.stages`, from which the next run resumes), a finished one leaves no file of the
+//! previous run behind.
 
 mod common;
 use common::*;
@@ -131,5 +132,39 @@ fn a_killed_run_leaves_the_old_one_and_a_marked_partial_folder() {
         !out.join("summary.json").exists(),
         "new files mixed into the old run"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_stage_files() {
+    let (dir, cfg, out) = with_old_run("run-folder-resume", &config());
+    let mut child = ibasis_run(&cfg, &out).spawn().unwrap();
+    let stats = dir.join("out.stages/lib/stages/stats.safetensors");
+    let start = Instant::now();
+    while !stats.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run never wrote a stage file"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first stage file"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = format!("out.partial-{}", child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!out.join("summary.json").exists(), "killed, yet a summary");
+    let o = ibasis_run(&cfg, &out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("build lib: resumed from"),
+        "the rerun did not resume: {stderr}"
+    );
+    assert!(out.join("summary.json").exists());
+    // The killed run's staging folder is its own to explain; the stage files are gone.
+    assert_eq!(leftovers(&dir, &out), vec![killed]);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -71,6 +71,24 @@ pub fn build_config(cfg: &RunConfig, source: &str, out: &Path) -> anyhow::Result
     build_staged(cfg, source, out, None)?.into_graph()
 }
 
+/// Builds like [`build_config`] into `work`, keeping stage files in `work/stages` and resuming
+/// from them (`ibasis run`'s graphs: a run killed in an hour-long build goes on where it
+/// stopped). As with `--reuse-stages`, a changed setting recomputes only the stages that
+/// depend on it.
+pub fn build_resumable(
+    cfg: &RunConfig,
+    source: &str,
+    work: &Path,
+) -> anyhow::Result<(Graph, Vec<(String, Source)>)> {
+    let req = BuildRequest {
+        reuse_stages: true,
+        ..Default::default()
+    };
+    let built = build_staged(cfg, source, work, Some(&req))?;
+    let stages = built.stages.clone();
+    Ok((built.into_graph()?, stages))
+}
+
 /// The build behind [`run_build`] and [`build_config`]: with `req`, stage files in
 /// `out/stages` and the request's shard or ranks; without, neither.
 fn build_staged(

@@ -5,12 +5,13 @@
 use super::ablate::{
     edge_ablation, node_ablation, AblationResult, AblationSettings, Metric, Schedule,
 };
-use super::build::build_config;
+use super::build::build_resumable;
 use super::config::{limit, load_data, load_model, DataConfig, RunConfig};
 use super::figures::{self, Curve, GraphDrawOptions, GraphView, LayerView};
 use super::fourier::{label_layers, rib_csv, FourierLabel};
 use super::modularity::{cluster_graph, Clusters, EdgeNorm, ModularityOptions};
 use super::report::{write_report, Figure, Report, ReportSection, Table};
+use crate::algorithm::stages::Source;
 use crate::algorithm::{BasisFormula, EdgeFormula, Graph};
 use crate::data::modadd::Split;
 use crate::io::write_atomic;
@@ -50,6 +51,8 @@ const LM_EVAL_CHUNKS: usize = 16;
 /// written into a fresh sibling folder `OUT.partial-PID` and renamed over `out` only when
 /// complete (an older run there is moved aside first and removed after), so after a kill `out`
 /// is the old complete run or the new one, and anything unfinished is a `.partial-*` folder.
+/// The builds' stage files stay in `OUT.stages` until the run is complete: a rerun after a
+/// kill or a failure resumes from them.
 pub fn run_pipeline(
     config: &Path,
     out: &Path,
@@ -61,6 +64,11 @@ pub fn run_pipeline(
     match run_into(config, &staging, out, model, delta, gamma) {
         Ok(summary) => {
             crate::io::replace_dir(&staging, out)?;
+            let work = stages_folder(out)?;
+            if work.exists() {
+                std::fs::remove_dir_all(&work)
+                    .with_context(|| format!("cannot remove {}", work.display()))?;
+            }
             Ok(summary)
         }
         Err(e) => {
@@ -68,6 +76,16 @@ pub fn run_pipeline(
             Err(e)
         }
     }
+}
+
+/// `OUT.stages`: where a run's builds keep their stage files until the run is complete.
+fn stages_folder(out: &Path) -> anyhow::Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} has no folder name", out.display()))?;
+    let mut name = name.to_os_string();
+    name.push(".stages");
+    Ok(out.with_file_name(name))
 }
 
 /// The pipeline, writing into `out` (a staging folder) and naming files as they will be at
@@ -135,9 +153,31 @@ fn run_into(
     }
     let source = config.display().to_string();
     let mut graphs = Vec::new();
+    // Each build keeps its stage files outside the staging folder, in `OUT.stages/NAME`, so a
+    // run killed during a long build (SmolLM2's 30 blocks: about an hour) resumes there; the
+    // folder is removed once the run is complete.
+    let work = stages_folder(final_out)?;
     for (name, cfg) in &runs {
         let t = Instant::now();
-        let g = build_config(cfg, &format!("{source} ({name})"), &out.join(name))?;
+        let dir = work.join(name);
+        let (g, stages) = build_resumable(cfg, &format!("{source} ({name})"), &dir)?;
+        let reused: Vec<&str> = stages
+            .iter()
+            .filter(|(_, s)| !matches!(s, Source::Computed { pieces_reused: 0 }))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !reused.is_empty() {
+            eprintln!(
+                "build {name}: resumed from {} ({} stages reused in whole or part)",
+                dir.join("stages").display(),
+                reused.len()
+            );
+        }
+        std::fs::create_dir_all(out.join(name))?;
+        for file in ["graph.safetensors", "graph.json"] {
+            std::fs::copy(dir.join(file), out.join(name).join(file))
+                .with_context(|| format!("cannot copy {}", dir.join(file).display()))?;
+        }
         timings.push((format!("build {name}"), t.elapsed().as_secs_f64()));
         graphs.push(g);
     }
