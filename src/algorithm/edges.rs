@@ -8,14 +8,14 @@
 use super::attention::{attention_section, AttentionSection};
 use super::pass::data_positions;
 use super::pass::{activations_at, fold, sample_rng};
-use super::section::{classify, norm_mlp, NormPrefix, PartialAct, Shape};
+use super::section::{classify, norm_attention, norm_mlp, NormAttention, NormPrefix, PartialAct, Shape};
 use super::{ComputeDtype, EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Activation, Model, Module, Section, Structure};
 use crate::tensor::linalg::{cast, gemm, gemm_in, mm, Real};
 use crate::tensor::simd::add_squared_product;
 use crate::tensor::Batch;
-use faer::Mat;
+use faer::{Mat, MatRef};
 use rand::Rng;
 
 /// Numbers in one block of tangents pushed through a section together (32 MB of f64).
@@ -80,6 +80,7 @@ pub fn edges(
             w2,
             gated,
         } => norm_mlp_edges(&ctx, norm, &w1, act, &w2, gated),
+        EdgeMethod::NormAttention(na) => norm_attention_edges(&ctx, &na),
         EdgeMethod::Jvp => jvp_edges(&ctx),
     })
 }
@@ -146,6 +147,10 @@ pub(crate) enum EdgeMethod<'a> {
         w2: Mat<f64>,
         gated: bool,
     },
+    /// A norm, the q/k/v projection, causal attention over every query, then fixed linear
+    /// maps: tangents built through the norm's rank-one form, `W_O'` folded into the next
+    /// basis.
+    NormAttention(NormAttention<'a>),
     /// The general path: one JVP per input feature.
     Jvp,
 }
@@ -186,6 +191,9 @@ pub(crate) fn edge_method<'a>(
                 }
             }
             _ => {}
+        }
+        if let Some(na) = norm_attention(modules) {
+            return EdgeMethod::NormAttention(na);
         }
     }
     if !matches!(
@@ -258,6 +266,9 @@ pub fn edge_path(
             let what = if gated { "gated" } else { "dense" };
             format!("per-row Jacobian products through the norm's rank-one form, {what} MLP, {n_in} features")
         }
+        EdgeMethod::NormAttention(_) => format!(
+            "attention JVP of {n_in} tangents per sample through the norm's rank-one form"
+        ),
         EdgeMethod::Jvp => format!("JVP, {n_in} tangents per sample"),
     }
 }
@@ -665,10 +676,8 @@ fn per_row_edges_in<T: Real>(
         cast::<T>(bt.as_ref()),
         cast::<T>(f0.as_ref()),
     );
-    // A row costs ~2 n_in width n_out FLOPs: about a thousand rows per task keep both cores
-    // busy on 64 language-model samples of 128 positions, and leave one-position batches whole.
     let pos = data_positions(ctx.model, ctx.data, ctx.from);
-    let batch = ctx.cfg.batch_size.min((1024 / pos).max(1));
+    let batch = per_row_batch(ctx, pos);
     let (et, rows) = fold(
         ctx.data,
         batch,
@@ -749,6 +758,109 @@ fn per_row_edges_in<T: Real>(
     et.transpose().to_owned() * faer::Scale(1.0 / rows)
 }
 
+/// The tangent rows of a norm followed by a fixed linear map `W` (method.md section 9), in
+/// the input basis: at a row evaluated at `a x`, `C_pinv J(a) W = G0 + sigma(a) G1 +
+/// gamma(a) a^2 a_t b_t^T` (see [`norm_mlp_edges`]), with the fixed `G0 = C_pinv P0 W`,
+/// `G1 = C_pinv K W`, and per row `a_t = C_pinv_x c_t`, `b_t = c_t^T W_y`.
+struct NormTangents {
+    norm: NormPrefix,
+    g0: Mat<f64>,
+    g1: Mat<f64>,
+    /// `C_pinv_x^T` (`d x n_in`) and `W_y` (`d x cols`): `a_t` and `b_t` for a batch's rows.
+    c_pinv_xt: Mat<f64>,
+    w_y: Mat<f64>,
+}
+
+/// A batch's rows for [`NormTangents`]: the centred (or raw) residual `c_t` at `a = 1`, its
+/// variance, and `a_t`, `b_t` as rows.
+struct NormRows {
+    cx: Mat<f64>,
+    var: Vec<f64>,
+    a: Mat<f64>,
+    b: Mat<f64>,
+}
+
+impl NormTangents {
+    fn new(norm: NormPrefix, c_pinv: &Mat<f64>, w: MatRef<'_, f64>) -> Self {
+        let NormPrefix {
+            carried,
+            width: r,
+            centre,
+            ..
+        } = norm;
+        let (d, x0, cols) = (r - 1, carried, w.ncols());
+        // P0 W: each input (c, x) feeds its pass-through row of W, the bias coordinate also y_D.
+        let p0w = Mat::from_fn(carried + r, cols, |i, j| {
+            let bias = if i == x0 + d { w[(d, j)] } else { 0.0 };
+            w[(r + i, j)] + bias
+        });
+        // K W: x_i (i < D) feeds y_i minus the mean over y (centring).
+        let mean_y: Vec<f64> = (0..cols)
+            .map(|j| (0..d).map(|i| w[(i, j)]).sum::<f64>() / d as f64)
+            .collect();
+        let kw = Mat::from_fn(carried + r, cols, |i, j| {
+            if i >= x0 && i < x0 + d {
+                w[(i - x0, j)] - if centre { mean_y[j] } else { 0.0 }
+            } else {
+                0.0
+            }
+        });
+        Self {
+            norm,
+            g0: mm(c_pinv.as_ref(), p0w.as_ref()),
+            g1: mm(c_pinv.as_ref(), kw.as_ref()),
+            c_pinv_xt: c_pinv.subcols(x0, d).transpose().to_owned(),
+            w_y: w.subrows(0, d).to_owned(),
+        }
+    }
+
+    /// The rows of a batch whose inputs, projected onto the basis, are `proj` (`b_t` on the
+    /// first `cols` columns of `W`).
+    fn rows(&self, proj: &Mat<f64>, cols: usize) -> NormRows {
+        let (d, x0) = (self.norm.width - 1, self.norm.carried);
+        let mut cx = proj.subcols(x0, d).to_owned();
+        if self.norm.centre {
+            for row in 0..cx.nrows() {
+                let m = (0..d).map(|i| cx[(row, i)]).sum::<f64>() / d as f64;
+                for i in 0..d {
+                    cx[(row, i)] -= m;
+                }
+            }
+        }
+        let var = (0..cx.nrows())
+            .map(|row| (0..d).map(|i| cx[(row, i)].powi(2)).sum::<f64>() / d as f64)
+            .collect();
+        NormRows {
+            a: mm(cx.as_ref(), self.c_pinv_xt.as_ref()),
+            b: mm(cx.as_ref(), self.w_y.subcols(0, cols)),
+            cx,
+            var,
+        }
+    }
+
+    /// Per row at the point `a`: `sigma(a)` and the rank-one coefficient `gamma(a) a^2`.
+    fn point(&self, var: &[f64], a: f64) -> (Vec<f64>, Vec<f64>) {
+        let (d, eps) = ((self.norm.width - 1) as f64, self.norm.eps);
+        let sigma: Vec<f64> = var
+            .iter()
+            .map(|&v| 1.0 / ((a * a * v).max(0.0) + eps).sqrt())
+            .collect();
+        let rank1 = sigma
+            .iter()
+            .zip(var)
+            .map(|(&s, &v)| {
+                let beta = if a * a * v < 0.0 {
+                    0.0
+                } else {
+                    -0.5 * s * s * s
+                };
+                2.0 * beta / d * a * a
+            })
+            .collect();
+        (sigma, rank1)
+    }
+}
+
 /// Squared edges of `norm -> MLP` sections (`ln2.k -> ln1.{k+1}`: the norm halves, then a dense
 /// or gated MLP beside the residual) from each row's Jacobian, without a JVP per feature.
 ///
@@ -794,53 +906,28 @@ fn norm_mlp_edges_in<T: Real>(
 ) -> Mat<f64> {
     let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
     let (n_in, n_out) = (c.ncols(), q.ncols());
-    let NormPrefix {
-        carried,
-        width: r,
-        centre,
-        eps,
-    } = norm;
-    let (d, x0) = (r - 1, carried);
+    let (r, x0) = (norm.width, norm.carried);
+    let d = r - 1;
     let units = act.width.min(w2.nrows());
     let pre = if gated { 2 * units } else { units };
-    let cols = w1.ncols();
-    // P0 W1: each input (c, x) feeds its pass-through row of W1, the bias coordinate also y_D.
-    let p0w = Mat::from_fn(carried + r, cols, |i, j| {
-        let bias = if i == x0 + d { w1[(d, j)] } else { 0.0 };
-        w1[(r + i, j)] + bias
-    });
-    // K W1: x_i (i < D) feeds y_i minus the mean over y (centring).
-    let mean_y: Vec<f64> = (0..cols)
-        .map(|j| (0..d).map(|i| w1[(i, j)]).sum::<f64>() / d as f64)
-        .collect();
-    let kw = Mat::from_fn(carried + r, cols, |i, j| {
-        if i >= x0 && i < x0 + d {
-            w1[(i - x0, j)] - if centre { mean_y[j] } else { 0.0 }
-        } else {
-            0.0
-        }
-    });
-    let g0 = mm(c_pinv.as_ref(), p0w.as_ref());
-    let g1 = mm(c_pinv.as_ref(), kw.as_ref());
+    let nt = NormTangents::new(norm, c_pinv, w1.as_ref());
     let bt = mm(w2.as_ref(), q.as_ref()).transpose().to_owned();
     let carried_out = w2.nrows() - units;
     // The carried columns of the tangent rows are G0's alone (`norm_mlp` checked that `y`
     // feeds no carried column, so K W1 and b_t vanish there): one fixed F0.
     let f0 = mm(
-        g0.subcols(pre, carried_out),
+        nt.g0.subcols(pre, carried_out),
         bt.subcols(units, carried_out).transpose(),
     );
-    let c_pinv_xt = c_pinv.subcols(x0, d).transpose().to_owned();
-    let w1_y = w1.subrows(0, d).subcols(0, pre).to_owned();
     let w1_u = w1.subrows(0, r).subcols(0, pre).to_owned();
     let (g0_t, g1_t, f0_t) = (
-        cast::<T>(g0.subcols(0, pre)),
-        cast::<T>(g1.subcols(0, pre)),
+        cast::<T>(nt.g0.subcols(0, pre)),
+        cast::<T>(nt.g1.subcols(0, pre)),
         cast::<T>(f0.as_ref()),
     );
     let bh_t = cast::<T>(bt.subcols(0, units));
     let pos = data_positions(ctx.model, ctx.data, ctx.from);
-    let batch = ctx.cfg.batch_size.min((1024 / pos).max(1));
+    let batch = per_row_batch(ctx, pos);
     let (et, rows) = fold(
         ctx.data,
         batch,
@@ -851,41 +938,13 @@ fn norm_mlp_edges_in<T: Real>(
             let fhat = mm(f.data.as_ref(), c.as_ref());
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
             let n_rows = proj.nrows();
-            // Centred (or raw) residual and its variance per row, at a = 1.
-            let mut cx = proj.subcols(x0, d).to_owned();
-            if centre {
-                for row in 0..n_rows {
-                    let m = (0..d).map(|i| cx[(row, i)]).sum::<f64>() / d as f64;
-                    for i in 0..d {
-                        cx[(row, i)] -= m;
-                    }
-                }
-            }
-            let var: Vec<f64> = (0..n_rows)
-                .map(|row| (0..d).map(|i| cx[(row, i)].powi(2)).sum::<f64>() / d as f64)
-                .collect();
-            let a_rows = cast::<T>(mm(cx.as_ref(), c_pinv_xt.as_ref()).as_ref());
-            let b_rows = cast::<T>(mm(cx.as_ref(), w1_y.as_ref()).as_ref());
+            let NormRows { cx, var, a, b } = nt.rows(&proj, pre);
+            let (a_rows, b_rows) = (cast::<T>(a.as_ref()), cast::<T>(b.as_ref()));
             // Per point: sigma, the rank-one coefficient, and the units' coefficients at z(a).
             let per_point: Vec<PointTerms> = points
                 .iter()
                 .map(|&(a, w)| {
-                    let sigma: Vec<f64> = var
-                        .iter()
-                        .map(|&v| 1.0 / ((a * a * v).max(0.0) + eps).sqrt())
-                        .collect();
-                    let rank1: Vec<f64> = sigma
-                        .iter()
-                        .zip(&var)
-                        .map(|(&s, &v)| {
-                            let beta = if a * a * v < 0.0 {
-                                0.0
-                            } else {
-                                -0.5 * s * s * s
-                            };
-                            2.0 * beta / d as f64 * a * a
-                        })
-                        .collect();
+                    let (sigma, rank1) = nt.point(&var, a);
                     // y(a) = (a c sigma(a), a x_D), z(a) = y(a) W1_u.
                     let y = Mat::from_fn(n_rows, r, |row, i| {
                         if i < d {
@@ -961,6 +1020,16 @@ fn norm_mlp_edges_in<T: Real>(
     et.transpose().to_owned() * faer::Scale(1.0 / rows)
 }
 
+/// Samples per task of the per-row paths. A row costs ~2 n_in width n_out FLOPs: about a
+/// thousand rows per task, and at least 8 tasks per call, so that a stage's piece (an eighth
+/// of 64 language-model samples of 128 positions: one batch of a thousand rows) still keeps
+/// every core busy (one task per piece ran the 30-block build's MLP edges on one core).
+/// Depends on the data alone, not the threads: builds stay bitwise equal on any number.
+fn per_row_batch(ctx: &EdgeSection, pos: usize) -> usize {
+    let rows = ctx.cfg.batch_size.min((1024 / pos.max(1)).max(1));
+    rows.min(ctx.data.len().div_ceil(8)).max(1)
+}
+
 /// `acc_ji += (fhat_j h_ji)^2` for one row's bracket `h` (`n_in x n_out`, in the compute
 /// precision), summed in f64 (`h64` a column of scratch).
 fn add_squared_row<T: Real>(acc: &mut Mat<f64>, h: &Mat<T>, fhat_row: &[f64], h64: &mut [f64]) {
@@ -990,6 +1059,110 @@ fn gated_coefficients(z: &Mat<f64>, act: PartialAct, points: &[(f64, f64)]) -> M
         }
     }
     coef
+}
+
+/// Squared edges of `norm -> attention` sections (`ln1.k -> ln2.k`: the norm halves, the
+/// q/k/v projection `W`, causal attention over every query, the residual add), with the
+/// general path's tangents (feature `j`: `fhat_{s,j} C_pinv_j` at every position `s`, method.md
+/// section 11) but two products fewer per tangent:
+/// - through the norm and `W` the tangent rows are `fhat_{s,j} (G0 + sigma_s G1 + gamma_s
+///   a_{s,j} b_s)_j` ([`NormTangents`]): assembled elementwise, not multiplied by `W` row by row;
+/// - attention's `dz` goes to the next basis through `M_z = W_O' S_attn Q` in one GEMM (`S`
+///   the fixed linear suffix), and the residual's pass-through adds `fhat_{t,j} (G0_x S_x Q)_ji`.
+///
+/// FLOPs per tangent row at SmolLM2's sizes (R 577, q/k/v 963 wide, 9 heads of 65, 577 kept
+/// after): ~0.4 M in the score and value products (as before, causal chunks) and 0.68 M for
+/// `dz M_z`, against 1.1 M (`W`) + 0.4 M + 0.68 M (`W_O'`) + 1.33 M (`(attn, x) S Q`) on the
+/// general path: 3.2x fewer, 12 TFLOP fewer per section at 64 x 128 tokens.
+fn norm_attention_edges(ctx: &EdgeSection, na: &NormAttention) -> Mat<f64> {
+    let (c, c_pinv, q, points) = (&ctx.c, &ctx.c_pinv, &ctx.q, ctx.points);
+    let (n_in, n_out) = (c.ncols(), q.ncols());
+    let attn = na.attn;
+    let (f, resid) = (attn.fqkv(), attn.resid);
+    let nt = NormTangents::new(na.norm, c_pinv, na.w.as_ref());
+    // (attn, x) -> next basis: M_z = W_O' S_attn Q, and the pass-through's G0_x S_x Q.
+    let sq = mm(na.suffix.as_ref(), q.as_ref());
+    let m_z = mm(attn.w_o.as_ref(), sq.subrows(0, resid));
+    let m_x = mm(nt.g0.subcols(f, resid), sq.subrows(resid, resid));
+    let wsum: f64 = points.iter().map(|p| p.1).sum();
+    let section = ctx.model.section(ctx.from, ctx.to);
+    let (head, _) = section.split_at(na.at + 1);
+    let pos = data_positions(ctx.model, ctx.data, ctx.from);
+    // One sample's tangents for every feature are `n_in P fqkv` numbers (SmolLM2: 0.6 GB):
+    // blocks of features of at most TANGENT_NUMBERS.
+    let block = (TANGENT_NUMBERS / (pos * f.max(n_out)).max(1)).clamp(1, n_in.max(1));
+    let (e, rows) = fold(
+        ctx.data,
+        1,
+        &ctx.label(),
+        || (Mat::<f64>::zeros(n_out, n_in), 0.0f64),
+        |acc, _, range| {
+            let fr = ctx.activations(range);
+            let n = fr.n;
+            let fhat = mm(fr.data.as_ref(), c.as_ref());
+            let proj = mm(fhat.as_ref(), c_pinv.as_ref());
+            let NormRows { var, a, b, .. } = nt.rows(&proj, f);
+            // Per point: its weight, the attention's cache at `a proj`, sigma and gamma a^2.
+            let per_point: Vec<_> = points
+                .iter()
+                .map(|&(pt, w)| {
+                    let (_, mut caches) =
+                        head.forward(&Batch::new(n, 1, pos, faer::Scale(pt) * &proj));
+                    let cache = caches.swap_remove(na.at);
+                    let (sigma, rank1) = nt.point(&var, pt);
+                    (w, cache, sigma, rank1)
+                })
+                .collect();
+            for j0 in (0..n_in).step_by(block) {
+                let nb = block.min(n_in - j0);
+                let mut bracket = Mat::<f64>::zeros(n * nb * pos, n_out);
+                for (w, cache, sigma, rank1) in &per_point {
+                    // Row (x, j, s) of the tangent on (q, k, v).
+                    let mut tangent = Mat::<f64>::zeros(n * nb * pos, f);
+                    for col in 0..f {
+                        let (g0, g1) = (&nt.g0, &nt.g1);
+                        let dst = tangent.col_as_slice_mut(col);
+                        for j in 0..nb {
+                            let jj = j0 + j;
+                            let (c0, c1) = (g0[(jj, col)], g1[(jj, col)]);
+                            for x in 0..n {
+                                for s in 0..pos {
+                                    let row = x * pos + s;
+                                    let t = c0 + sigma[row] * c1 + rank1[row] * a[(row, jj)] * b[(row, col)];
+                                    dst[(x * nb + j) * pos + s] = fhat[(row, jj)] * t;
+                                }
+                            }
+                        }
+                    }
+                    let tangent = Batch::new(n, nb, pos, tangent);
+                    let out = attn.jvp_projected(cache, &tangent, m_z.as_ref());
+                    bracket += faer::Scale(*w) * &out;
+                }
+                // The residual's pass-through: the same at every point.
+                for i in 0..n_out {
+                    let col = bracket.col_as_slice_mut(i);
+                    for j in 0..nb {
+                        let mx = wsum * m_x[(j0 + j, i)];
+                        for x in 0..n {
+                            let fj = &fhat.col_as_slice(j0 + j)[x * pos..][..pos];
+                            for (o, &fv) in col[(x * nb + j) * pos..][..pos].iter_mut().zip(fj) {
+                                *o += fv * mx;
+                            }
+                        }
+                    }
+                }
+                for i in 0..n_out {
+                    let col = bracket.col_as_slice(i);
+                    for (j, chunk) in col.chunks_exact(pos).enumerate() {
+                        acc.0[(i, j0 + j % nb)] += chunk.iter().map(|v| v * v).sum::<f64>();
+                    }
+                }
+            }
+            acc.1 += fr.rows() as f64;
+        },
+        |a, b| (a.0 + b.0, a.1 + b.1),
+    );
+    e * faer::Scale(1.0 / rows)
 }
 
 /// The general path: one batched JVP per input feature at every integration point.

@@ -22,6 +22,10 @@ pub const CHUNK_NUMBERS: usize = 32_768;
 /// ([`pass::Prefix`]; later node layers have a budget of their own).
 pub const PREFIX_BYTES: usize = 1 << 30;
 
+/// Prefix of the per-stage entries of a graph's timings (`stage edges.ln1.0`), after the
+/// totals of the build's phases.
+pub const STAGE_TIMING: &str = "stage ";
+
 use crate::data::{Dataset, Samples};
 use crate::io::weights::Tensors;
 use crate::models::{Model, OUTPUT};
@@ -456,6 +460,12 @@ pub fn build_staged(
     }
     timings.push(("edges".to_string(), t.elapsed().as_secs_f64()));
     timings.push(("total".to_string(), t0.elapsed().as_secs_f64()));
+    // Then each stage computed here (`graph.json`'s per-stage times).
+    for (stage, source) in runner.log.lock().unwrap().iter() {
+        if let Source::Computed { seconds, .. } = source {
+            timings.push((format!("{STAGE_TIMING}{stage}"), *seconds));
+        }
+    }
     let graph = Graph {
         layers: bases,
         edges: edge_mats,

@@ -146,34 +146,62 @@ pub fn activations_at(
     model.run(data.inputs(range), data.start(), index)
 }
 
-/// Bytes of activations beyond the first node layer's that a build may keep: all of them or
-/// none (a small model's later node layers, read by every basis and edge pass, instead of
-/// re-running the sections before them each time).
+/// Bytes of activations beyond the first node layer's that a build keeps in memory: all of
+/// them, else all of them in a scratch file (a small model's later node layers, or SmolLM2's
+/// 60, read by every basis and edge pass, instead of re-running the sections before them each
+/// time: with 30 blocks that re-running was most of the build, O(L^2) block forwards).
 const LATER_LAYERS_BYTES: usize = 256 << 20;
 
-/// Activations at the node layers for every sample of `data`, held in memory, as a dataset
-/// whose inputs enter the model at the first node layer: the many passes of a build (one per
-/// basis and edge matrix) then skip the modules before it instead of re-running them each
-/// time (SmolLM2's blocks before the ones studied), and read later node layers from memory
-/// when they are small enough ([`LATER_LAYERS_BYTES`]).
+/// Where a cached node layer lives.
+enum Stored {
+    Memory(Batch),
+    /// Rows `(sample, position)` of `features` f64s (little-endian, row-major) from byte
+    /// `offset` of the scratch file.
+    File {
+        offset: u64,
+        pos: usize,
+        features: usize,
+    },
+}
+
+/// Activations at the node layers for every sample of `data`, as a dataset whose inputs enter
+/// the model at the first node layer: the many passes of a build (one per basis and edge
+/// matrix) then skip the modules before it instead of re-running them each time (SmolLM2's
+/// blocks before the ones studied), and read later node layers from memory when they are small
+/// enough ([`LATER_LAYERS_BYTES`]), else from an unlinked scratch file in the temporary
+/// folder (`TMPDIR`), which the page cache mostly serves from memory it can reclaim.
 pub struct Prefix<'a> {
     inner: &'a dyn Dataset,
-    /// Module index and activations (rows `(sample, position)`) of each cached node layer,
-    /// the first being the one the inputs enter at when `start` says so.
-    layers: Vec<(usize, Batch)>,
+    /// Module index and activations of each cached node layer, the first being the one the
+    /// inputs enter at when `start` says so.
+    layers: Vec<(usize, Stored)>,
+    file: Option<std::fs::File>,
     start: usize,
 }
 
 impl<'a> Prefix<'a> {
     /// The cache of node layers `indices` (ascending): the first when it is not the raw input
-    /// and takes at most `max_bytes`, the later ones when all of them fit
-    /// [`LATER_LAYERS_BYTES`]; `None` when nothing is kept.
+    /// and takes at most `max_bytes` (in memory), the later ones in memory when all of them fit
+    /// [`LATER_LAYERS_BYTES`], else in a scratch file (none if it cannot be written); `None`
+    /// when nothing is kept.
     pub fn new(
         model: &Model,
         data: &'a dyn Dataset,
         indices: &[usize],
         batch: usize,
         max_bytes: usize,
+    ) -> Option<Self> {
+        Self::with_budget(model, data, indices, batch, max_bytes, LATER_LAYERS_BYTES)
+    }
+
+    /// [`Self::new`] with `later_budget` bytes in memory for the later node layers.
+    pub(crate) fn with_budget(
+        model: &Model,
+        data: &'a dyn Dataset,
+        indices: &[usize],
+        batch: usize,
+        max_bytes: usize,
+        later_budget: usize,
     ) -> Option<Self> {
         let n = data.len();
         let (&first, later) = indices.split_first()?;
@@ -184,7 +212,11 @@ impl<'a> Prefix<'a> {
         let bytes = |b: &Batch| n * b.rows() * b.features() * 8;
         let keep_first = first != data.start() && bytes(&one[0]) <= max_bytes;
         let later_bytes: usize = one[1..].iter().map(bytes).sum();
-        let keep_later = !later.is_empty() && later_bytes <= LATER_LAYERS_BYTES;
+        let in_memory = later_bytes <= later_budget;
+        let file = (!later.is_empty() && !in_memory)
+            .then(tempfile::tempfile)
+            .and_then(|f| f.ok());
+        let keep_later = !later.is_empty() && (in_memory || file.is_some());
         let kept: Vec<usize> = indices
             .iter()
             .enumerate()
@@ -194,33 +226,118 @@ impl<'a> Prefix<'a> {
         if kept.is_empty() {
             return None;
         }
-        let parts: Vec<Vec<Batch>> = chunks(n, batch)
+        let first_kept = keep_first.then_some(0);
+        let spilled = |k: usize| file.is_some() && Some(k) != first_kept;
+        // Byte offset of each spilled layer in the file.
+        let mut offsets = vec![0u64; kept.len()];
+        let mut end = 0u64;
+        for (k, &index) in kept.iter().enumerate() {
+            if spilled(k) {
+                offsets[k] = end;
+                let b = &one[indices.iter().position(|&i| i == index).unwrap_or(0)];
+                end += bytes(b) as u64;
+            }
+        }
+        // Spilling, the batches go in waves small enough that their activations at every
+        // layer stay within the memory budget.
+        let per_sample: usize = one.iter().map(|b| b.rows() * b.features() * 8).sum();
+        let batch = match &file {
+            Some(_) => batch.min((LATER_LAYERS_BYTES / per_sample.max(1)).max(1)),
+            None => batch,
+        };
+        let write_failed = std::sync::atomic::AtomicBool::new(false);
+        let parts: Vec<Vec<Option<Batch>>> = chunks(n, batch)
             .into_par_iter()
-            .map(|r| activations_at_all(model, data, &kept, r))
+            .map(|r| {
+                let acts = activations_at_all(model, data, &kept, r.clone());
+                acts.into_iter()
+                    .enumerate()
+                    .map(|(k, b)| {
+                        if !spilled(k) {
+                            return Some(b);
+                        }
+                        let row_bytes = (b.features() * 8) as u64;
+                        let at = offsets[k] + (r.start * b.pos) as u64 * row_bytes;
+                        let mut buf = Vec::with_capacity(b.rows() * b.features() * 8);
+                        for i in 0..b.rows() {
+                            for j in 0..b.features() {
+                                buf.extend_from_slice(&b.data[(i, j)].to_le_bytes());
+                            }
+                        }
+                        use std::os::unix::fs::FileExt;
+                        if let Some(f) = &file {
+                            if f.write_all_at(&buf, at).is_err() {
+                                write_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        None
+                    })
+                    .collect()
+            })
             .collect();
+        let failed = write_failed.into_inner();
         let layers = kept
             .iter()
             .enumerate()
+            .filter(|&(k, _)| !(failed && spilled(k)))
             .map(|(k, &index)| {
-                let proto = &parts[0][k];
+                if spilled(k) {
+                    let proto = &one[indices.iter().position(|&i| i == index).unwrap_or(0)];
+                    let stored = Stored::File {
+                        offset: offsets[k],
+                        pos: proto.pos,
+                        features: proto.features(),
+                    };
+                    return (index, stored);
+                }
+                let proto = parts[0][k].as_ref().expect("kept in memory");
                 let mut acts = Mat::zeros(n * proto.pos, proto.features());
                 let mut row = 0;
                 for p in &parts {
-                    acts.subrows_mut(row, p[k].rows()).copy_from(&p[k].data);
-                    row += p[k].rows();
+                    let b = p[k].as_ref().expect("kept in memory");
+                    acts.subrows_mut(row, b.rows()).copy_from(&b.data);
+                    row += b.rows();
                 }
-                (index, Batch::new(n, 1, proto.pos, acts))
+                (index, Stored::Memory(Batch::new(n, 1, proto.pos, acts)))
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if layers.is_empty() {
+            return None;
+        }
         Some(Self {
             inner: data,
             layers,
+            file: if failed { None } else { file },
             start: if keep_first { first } else { data.start() },
         })
     }
 
-    fn layer(&self, index: usize) -> Option<&Batch> {
-        self.layers.iter().find(|l| l.0 == index).map(|l| &l.1)
+    /// Samples `range` of the cached node layer at module `index`.
+    fn layer(&self, index: usize, range: Range<usize>) -> Option<Batch> {
+        let stored = &self.layers.iter().find(|l| l.0 == index)?.1;
+        match stored {
+            Stored::Memory(acts) => Some(rows(acts, range)),
+            Stored::File {
+                offset,
+                pos,
+                features,
+            } => {
+                use std::os::unix::fs::FileExt;
+                let (pos, features) = (*pos, *features);
+                let n_rows = range.len() * pos;
+                let mut buf = vec![0u8; n_rows * features * 8];
+                let at = offset + (range.start * pos * features * 8) as u64;
+                // A read that fails (the scratch file's disk gone) falls back to running the
+                // model from the first node layer.
+                self.file.as_ref()?.read_exact_at(&mut buf, at).ok()?;
+                let value = |i: usize, j: usize| {
+                    let b = &buf[(i * features + j) * 8..][..8];
+                    f64::from_le_bytes(b.try_into().expect("8 bytes"))
+                };
+                let data = Mat::from_fn(n_rows, features, value);
+                Some(Batch::new(range.len(), 1, pos, data))
+            }
+        }
     }
 }
 
@@ -229,8 +346,8 @@ impl Dataset for Prefix<'_> {
         self.inner.len()
     }
     fn inputs(&self, range: Range<usize>) -> Batch {
-        match self.layer(self.start) {
-            Some(acts) => rows(acts, range),
+        match self.layer(self.start, range.clone()) {
+            Some(acts) => acts,
             None => self.inner.inputs(range),
         }
     }
@@ -247,7 +364,7 @@ impl Dataset for Prefix<'_> {
         self.start
     }
     fn cached(&self, index: usize, range: Range<usize>) -> Option<Batch> {
-        self.layer(index).map(|acts| rows(acts, range))
+        self.layer(index, range)
     }
     fn first_sample(&self) -> usize {
         self.inner.first_sample()

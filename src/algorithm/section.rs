@@ -2,6 +2,7 @@
 //! map, or a single elementwise (or gated) nonlinearity between linear maps. Those get
 //! closed-form bases and edges; everything else goes through batched VJPs and JVPs.
 
+use crate::models::transformer::attention::AttnOut;
 use crate::models::{Activation, Module, Structure};
 use crate::tensor::linalg::mm;
 use faer::Mat;
@@ -142,6 +143,84 @@ pub struct NormPrefix {
 /// dense or gated, whose first linear map reads the residual streams only through its
 /// pass-through columns (so the carried part of the Jacobian is the same on every row).
 pub fn norm_mlp(modules: &[Box<dyn Module>]) -> Option<(NormPrefix, Shape)> {
+    let (norm, second) = norm_halves(modules)?;
+    let NormPrefix { carried, width, .. } = norm;
+    let shape = classify(&modules[second + 1..]);
+    let (w1, pre) = match &shape {
+        Shape::Dense { w1, act, .. } => (w1, act.width),
+        Shape::Gated { w1, act, .. } => (w1, 2 * act.width),
+        _ => return None,
+    };
+    // `W1`'s rows: `y` (R), then the carried streams and the residual; the unit columns first.
+    if w1.nrows() != 2 * width + carried || w1.ncols() < pre || y_feeds(w1, width, pre) {
+        return None;
+    }
+    Some((norm, shape))
+}
+
+/// Whether the normalised residual `y` (the first `width - 1` rows of `w`) feeds any column
+/// from `col` on.
+fn y_feeds(w: &Mat<f64>, width: usize, col: usize) -> bool {
+    (0..width - 1).any(|i| (col..w.ncols()).any(|j| w[(i, j)] != 0.0))
+}
+
+/// A norm in front of causal attention over every query (`ln1.k -> ln2.k`): the two norm
+/// halves, fixed linear maps (`attn_in`'s q/k/v projection, `w`, `(y, c, x) -> (q, k, v, x)`),
+/// the attention module (the `at`-th of the section), then fixed linear maps only (`suffix`,
+/// `(attn, x) -> ` the next node layer: the residual add).
+pub struct NormAttention<'a> {
+    pub norm: NormPrefix,
+    pub w: Mat<f64>,
+    pub attn: &'a AttnOut,
+    pub at: usize,
+    pub suffix: Mat<f64>,
+}
+
+/// Recognises `norm -> attention` sections whose projection reads the normalised residual into
+/// `q, k, v` only (so the residual's tangent passes through on every row alike).
+pub fn norm_attention(modules: &[Box<dyn Module>]) -> Option<NormAttention<'_>> {
+    let (norm, second) = norm_halves(modules)?;
+    let at = (second + 1..modules.len())
+        .find(|&i| matches!(modules[i].structure(), Structure::Attention(_)))?;
+    let Structure::Attention(attn) = modules[at].structure() else {
+        return None;
+    };
+    let fixed = |ms: &[Box<dyn Module>]| -> Option<Option<Mat<f64>>> {
+        let mut acc: Option<Mat<f64>> = None;
+        for m in ms.iter().filter(|m| !m.is_identity()) {
+            if !m.fixed_linear() {
+                return None;
+            }
+            let w = materialise(m.as_ref());
+            acc = Some(match acc {
+                None => w,
+                Some(a) => mm(a.as_ref(), w.as_ref()),
+            });
+        }
+        Some(acc)
+    };
+    let w = fixed(&modules[second + 1..at])??;
+    let suffix = fixed(&modules[at + 1..])?.unwrap_or_else(|| {
+        let d = attn.out_features();
+        Mat::identity(d, d)
+    });
+    let (width, f) = (norm.width, attn.fqkv());
+    let fits = !attn.last_pos
+        && w.nrows() == 2 * width + norm.carried
+        && w.ncols() == f + attn.resid
+        && suffix.nrows() == attn.out_features();
+    (fits && !y_feeds(&w, width, f)).then_some(NormAttention {
+        norm,
+        w,
+        attn,
+        at,
+        suffix,
+    })
+}
+
+/// The two halves of a norm (`lnX`, `lnX_out` keeping the residual) at the start of a section:
+/// the norm, and the index of its second half.
+fn norm_halves(modules: &[Box<dyn Module>]) -> Option<(NormPrefix, usize)> {
     let active: Vec<usize> = (0..modules.len())
         .filter(|&i| !modules[i].is_identity())
         .collect();
@@ -167,20 +246,6 @@ pub fn norm_mlp(modules: &[Box<dyn Module>]) -> Option<(NormPrefix, Shape)> {
     if (c2, w2, ce2) != (carried, width, centre) {
         return None;
     }
-    let shape = classify(&modules[second + 1..]);
-    let (w1, pre) = match &shape {
-        Shape::Dense { w1, act, .. } => (w1, act.width),
-        Shape::Gated { w1, act, .. } => (w1, 2 * act.width),
-        _ => return None,
-    };
-    // `W1`'s rows: `y` (R), then the carried streams and the residual; the unit columns first.
-    if w1.nrows() != 2 * width + carried || w1.ncols() < pre {
-        return None;
-    }
-    let y_reads_carried = (0..width - 1).any(|i| (pre..w1.ncols()).any(|j| w1[(i, j)] != 0.0));
-    if y_reads_carried {
-        return None;
-    }
     Some((
         NormPrefix {
             carried,
@@ -188,6 +253,6 @@ pub fn norm_mlp(modules: &[Box<dyn Module>]) -> Option<(NormPrefix, Shape)> {
             centre,
             eps,
         },
-        shape,
+        second,
     ))
 }

@@ -447,13 +447,22 @@ fn read_stage_file(path: &Path) -> anyhow::Result<(Partial, HashMap<String, Stri
     Ok((p, meta))
 }
 
+impl Source {
+    fn computed(pieces_reused: usize, started: std::time::Instant) -> Self {
+        Source::Computed {
+            pieces_reused,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// How a stage's value came about, for the build's log.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Source {
     /// Read from its complete stage file.
     Reused,
-    /// Computed here (`pieces` of them reused from piece files).
-    Computed { pieces_reused: usize },
+    /// Computed here (`pieces` of them reused from piece files) in `seconds`.
+    Computed { pieces_reused: usize, seconds: f64 },
 }
 
 /// Runs the stages of one build: where its data lives, which samples it sums, what it may
@@ -498,6 +507,7 @@ impl StageRunner<'_> {
             None => Vec::new(),
         };
         let pieces_reused = done.len();
+        let started = std::time::Instant::now();
         let k = piece_samples(self.n_samples, self.batch);
         let mut todo = missing(&block, &done, k);
         let mut first = true;
@@ -537,7 +547,7 @@ impl StageRunner<'_> {
                 self.log
                     .lock()
                     .unwrap()
-                    .push((stage.to_string(), Source::Computed { pieces_reused }));
+                    .push((stage.to_string(), Source::computed(pieces_reused, started)));
                 return Ok(None);
             }
             Distribution::Whole => mine,
@@ -556,7 +566,7 @@ impl StageRunner<'_> {
         self.log
             .lock()
             .unwrap()
-            .push((stage.to_string(), Source::Computed { pieces_reused }));
+            .push((stage.to_string(), Source::computed(pieces_reused, started)));
         Ok(Some(total))
     }
 }

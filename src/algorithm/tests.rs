@@ -515,13 +515,19 @@ fn prefix_cache_returns_the_model_activations() {
     // and the later ones are small enough to be kept too.
     let indices = [1, 2, model.modules.len()];
     let prefix = pass::Prefix::new(&model, &data, &indices, 4, PREFIX_BYTES).unwrap();
+    // No memory for the later layers: they go to the scratch file, in batches of 3 samples.
+    let spilled = pass::Prefix::with_budget(&model, &data, &indices, 3, PREFIX_BYTES, 0).unwrap();
     assert_eq!(prefix.start(), 1);
-    for &index in &indices {
-        let cached = prefix.cached(index, 3..8).expect("cached");
-        let direct = model.run(data.inputs(3..8), 0, index);
-        assert_eq!(cached.data, direct.data, "layer {index}");
-        let through = pass::activations_at(&model, &prefix, index, 3..8);
-        assert_eq!(through.data, direct.data);
+    for p in [&prefix, &spilled] {
+        for &index in &indices {
+            for range in [3..8, 0..11, 10..11] {
+                let cached = p.cached(index, range.clone()).expect("cached");
+                let direct = model.run(data.inputs(range.clone()), 0, index);
+                assert_eq!(cached.data, direct.data, "layer {index} {range:?}");
+                let through = pass::activations_at(&model, p, index, range.clone());
+                assert_eq!(through.data, direct.data);
+            }
+        }
     }
     // Module 3 is the output here; index 0 (the raw input) is not kept.
     assert!(prefix.cached(0, 0..2).is_none());

@@ -8,7 +8,7 @@
 
 use super::config::{check_compatible, load_data, load_model, RunConfig};
 use crate::algorithm::stages::{self, Collective, Distribution, Identity, Source, StageStore};
-use crate::algorithm::{self, BuildOptions, Graph, Outcome};
+use crate::algorithm::{self, BuildOptions, Graph, Outcome, STAGE_TIMING};
 use crate::data::Dataset;
 use anyhow::{bail, Context};
 use std::fmt::Write as _;
@@ -312,10 +312,16 @@ pub fn describe_stages(stages: &[(String, Source)]) -> String {
     for (name, source) in stages {
         let _ = match source {
             Source::Reused => writeln!(s, "  stage {name}: reused"),
-            Source::Computed { pieces_reused: 0 } => writeln!(s, "  stage {name}: computed"),
-            Source::Computed { pieces_reused } => writeln!(
+            Source::Computed {
+                pieces_reused: 0,
+                seconds,
+            } => writeln!(s, "  stage {name}: computed in {seconds:.1} s"),
+            Source::Computed {
+                pieces_reused,
+                seconds,
+            } => writeln!(
                 s,
-                "  stage {name}: computed, resuming from {pieces_reused} saved pieces"
+                "  stage {name}: computed in {seconds:.1} s, resuming from {pieces_reused} saved pieces"
             ),
         };
     }
@@ -353,6 +359,7 @@ pub fn summarise(graph: &Graph, title: &str) -> String {
     let times: Vec<String> = graph
         .timings
         .iter()
+        .filter(|(k, _)| !k.starts_with(STAGE_TIMING))
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
     let _ = writeln!(s, "  time: {}", times.join(", "));

@@ -488,8 +488,29 @@ impl AttnOut {
         Batch::new(n, r, pos, dx)
     }
 
-    /// [`Module::jvp`] in blocks of `rb` tangents and causal chunks of `cq` queries.
-    fn jvp_blocked(&self, c: &AttnCache, dx: &Batch, rb: usize, cq: usize) -> Batch {
+    /// [`Module::jvp`]'s attention part with `w` (`H (d_head + 1) x k`) in place of `W_O'` and
+    /// no residual: rows `(sample, tangent, position)` of `dz w`, from tangents on `(q, k, v)`
+    /// alone (`dx` is `fqkv` wide). An edge computation folds `W_O'` into the next node
+    /// layer's basis this way: one GEMM of `dz` where the module and a projection made two.
+    pub fn jvp_projected(&self, c: &Cache, dx: &Batch, w: MatRef<'_, f64>) -> Mat<f64> {
+        let c = cache::<AttnCache>(c, "attention");
+        assert_eq!(w.nrows(), self.heads * self.dv(), "{}: projection", self.id);
+        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, w, false)
+            .data
+    }
+
+    /// [`Module::jvp`] in blocks of `rb` tangents and causal chunks of `cq` queries, `dz`
+    /// projected by `w_out` (`W_O'` for the module's own JVP), the residual's tangent passed
+    /// through with `resid`.
+    fn jvp_blocked(
+        &self,
+        c: &AttnCache,
+        dx: &Batch,
+        rb: usize,
+        cq: usize,
+        w_out: MatRef<'_, f64>,
+        resid: bool,
+    ) -> Batch {
         let (n, r, pos, heads, dh, dv, f) = (
             dx.n,
             dx.r,
@@ -506,7 +527,8 @@ impl AttnOut {
             heads * dv,
             self.fq() + self.fk(),
         );
-        let mut out = Mat::zeros(n * r * pout, 2 * self.resid);
+        let width = if resid { 2 * self.resid } else { w_out.ncols() };
+        let mut out = Mat::zeros(n * r * pout, width);
         let (rb, cq) = (rb.clamp(1, r.max(1)), cq.max(1));
         let mut sb = self.scratch(rb, pos, cq);
         for xs in 0..n {
@@ -596,14 +618,16 @@ impl AttnOut {
                 gemm(
                     out.as_mut()
                         .subrows_mut((xs * r + v0) * pout, nb * pout)
-                        .subcols_mut(0, self.resid),
+                        .subcols_mut(0, w_out.ncols()),
                     Accum::Replace,
                     rm(dz, 0, nb * pout, hz, hz),
-                    self.w_o.as_ref(),
+                    w_out,
                 );
             }
         }
-        copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
+        if resid {
+            copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
+        }
         Batch::new(n, r, pout, out)
     }
 }
@@ -718,7 +742,14 @@ impl Module for AttnOut {
     /// then `dattn = dz W_O'`; the residual's tangent passes through.
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
         let c = cache::<AttnCache>(c, "attention");
-        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK)
+        self.jvp_blocked(
+            c,
+            dx,
+            self.block(dx.r, dx.pos),
+            CHUNK,
+            self.w_o.as_ref(),
+            true,
+        )
     }
 }
 

@@ -223,7 +223,7 @@ fn gemm_attention_matches_the_per_vector_loops() {
                     let dy = random(n, r, y.pos, m.out_features(), 1.0, &mut rng);
                     let (jr, vr) = (ref_jvp(&m, c, &dx), ref_vjp(&m, c, &dy));
                     for (rb, cq) in [(1, 1), (2, 3), (r, 2), (64, 64), (3, CHUNK)] {
-                        let j = m.jvp_blocked(c, &dx, rb, cq);
+                        let j = m.jvp_blocked(c, &dx, rb, cq, m.w_o.as_ref(), true);
                         let e = rel(j.data.as_ref(), jr.data.as_ref());
                         assert!(e < 1e-12, "{what}: jvp (block {rb}, chunk {cq}) {e:e}");
                         assert_eq!((j.n, j.r, j.pos), (jr.n, jr.r, jr.pos));
@@ -232,6 +232,21 @@ fn gemm_attention_matches_the_per_vector_loops() {
                         assert!(e < 1e-12, "{what}: vjp (block {rb}, chunk {cq}) {e:e}");
                         assert_eq!((v.n, v.r, v.pos), (vr.n, vr.r, vr.pos));
                     }
+                    // The attention part projected by `W_O' M` is the JVP's attention part
+                    // times `M`, from the (q, k, v) tangents alone.
+                    let f = m.fqkv();
+                    let mix = random(1, 1, m.resid, 3, 1.0, &mut rng).data;
+                    let w = &m.w_o * &mix;
+                    let qkv_only = crate::tensor::Batch::new(
+                        dx.n,
+                        dx.r,
+                        dx.pos,
+                        dx.data.subcols(0, f).to_owned(),
+                    );
+                    let projected = m.jvp_projected(&cache, &qkv_only, w.as_ref());
+                    let expect = jr.data.subcols(0, m.resid) * &mix;
+                    let e = rel(projected.as_ref(), expect.as_ref());
+                    assert!(e < 1e-12, "{what}: projected jvp {e:e}");
                     let (j, v) = (m.jvp(&cache, &dx), m.vjp(&cache, &dy));
                     assert!(rel(j.data.as_ref(), jr.data.as_ref()) < 1e-12, "{what}");
                     assert!(rel(v.data.as_ref(), vr.data.as_ref()) < 1e-12, "{what}");

@@ -1132,10 +1132,12 @@ impl crate::data::Dataset for Sequences {
 /// stream in parallel GPT-NeoX blocks, RMS norm in Llama) equal the general JVP path, for the
 /// gradient rule and for Gauss-Legendre points (where the norm is not homogeneous).
 /// `ln2.k -> ln1.{k+1}` (the norm, then the MLP, then the residual add) by per-row Jacobians
-/// through the norm's rank-one form, against the general JVP path in every family (layer norm
-/// and RMS norm, dense and gated MLPs, the parallel residual's carried stream), and in f32.
+/// through the norm's rank-one form, and `ln1.k -> ln2.k` (the norm, q/k/v, attention, the
+/// residual add) by attention JVPs of tangents built through it, against the general JVP path
+/// in every family (layer norm and RMS norm, dense and gated MLPs, the parallel residual's
+/// carried stream, local attention, rotary and grouped-query attention), and in f32.
 #[test]
-fn norm_mlp_section_edges_equal_the_general_path_in_every_family() {
+fn norm_section_edges_equal_the_general_path_in_every_family() {
     use crate::algorithm::{
         build, edges::edge_path, integration, resolve_node_layers, BasisFormula, ComputeDtype,
         LibConfig,
@@ -1162,17 +1164,23 @@ fn norm_mlp_section_edges_equal_the_general_path_in_every_family() {
             let resolved = resolve_node_layers(&model, &cfg.node_layers).unwrap();
             let path = edge_path(&model, &cfg, &resolved, 1, 9, 9);
             assert!(path.contains("rank-one"), "{family:?}: {path}");
+            let path = edge_path(&model, &cfg, &resolved, 0, 9, 9);
+            assert!(path.starts_with("attention JVP"), "{family:?}: {path}");
             let fast = build(&model, &data, &cfg).unwrap();
             let slow = build(&load(&ck, &opts(true, None), true).opaque(), &data, &cfg).unwrap();
             let rel = |a: &faer::Mat<f64>, b: &faer::Mat<f64>| {
                 let d: faer::Mat<f64> = a - b;
                 d.norm_l2() / b.norm_l2()
             };
-            let err = rel(&fast.edges[1], &slow.edges[1]);
-            assert!(
-                err <= 1e-9,
-                "{family:?} {rule:?}: ln2.0 -> ln1.1 relative difference {err:e}"
-            );
+            for l in 0..2 {
+                let err = rel(&fast.edges[l], &slow.edges[l]);
+                assert!(
+                    err <= 1e-9,
+                    "{family:?} {rule:?}: {} -> {} relative difference {err:e}",
+                    layers[l],
+                    layers[l + 1]
+                );
+            }
             cfg.compute_dtype = ComputeDtype::F32;
             let low = build(&model, &data, &cfg).unwrap();
             let err = rel(&low.edges[1], &fast.edges[1]);
