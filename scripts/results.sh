@@ -89,3 +89,67 @@ for name, c in lib["node_layers"].items():
         print(f"| {name} | {n} | {s:.3f} | {ps} |")
 PY
 fi
+
+# All 30 blocks of SmolLM2-135M (configs/smollm2-full-lib.toml; ~2.5 h at its 64 chunks on 2
+# cores, see docs/results.md). An optional chunk count runs the same config on fewer chunks:
+#   scripts/results.sh --smollm2-full [CHUNKS]        # plan, then the pipeline into out/smollm2-full[-CHUNKS]
+#   scripts/results.sh --smollm2-full-tables DIR      # the tables from DIR
+if [ "${1:-}" = "--smollm2-full" ]; then
+    cargo build --release --quiet
+    cfg=configs/smollm2-full-lib.toml
+    out=out/smollm2-full
+    if [ -n "${2:-}" ]; then
+        mkdir -p out
+        cfg=out/smollm2-full-lib-$2.toml
+        out=out/smollm2-full-$2
+        sed -e "s/^n_samples = 64$/n_samples = $2/" configs/smollm2-full-lib.toml > "$cfg"
+    fi
+    ./target/release/ibasis plan "$cfg" | tee "$out-plan.txt"
+    /usr/bin/time -v ./target/release/ibasis run "$cfg" --out "$out" 2>&1 | tee "$out-run.log"
+    set -- --smollm2-full-tables "$out"
+fi
+if [ "${1:-}" = "--smollm2-full-tables" ]; then
+OUT="${2:-out/smollm2-full}" python3 - <<'PY'
+import json, os
+out = os.environ["OUT"]
+g = json.load(open(f"{out}/lib/graph.json"))
+p = json.load(open(f"{out}/pca/graph.json"))
+pca_kept = {l["name"]: l["d_lib"] for l in p["node_layers"]}
+layers = {l["name"]: l for l in g["node_layers"]}
+stage = {k[len("stage "):]: v for k, v in g["timings"] if k.startswith("stage ")}
+edges = {e["in_layer"]: e for e in g["edges"]}
+print("| block | ln1 kept (LIB / PCA) | ln1 leading Lambdas | ln2 kept (LIB / PCA) | ln2 leading Lambdas | edges ln1->ln2 / ln2->ln1 (total) | seconds: metric ln1, ln2; edges ln1, ln2 |")
+print("|---|---|---|---|---|---|---|")
+k = 0
+while f"ln1.{k}" in layers:
+    a, b = layers[f"ln1.{k}"], layers[f"ln2.{k}"]
+    lead = lambda l: ", ".join(f"{v:.4g}" for v in l["leading_lambda"][:3])
+    ea, eb = edges.get(f"ln1.{k}"), edges.get(f"ln2.{k}")
+    tot = lambda e: f"{e['total']:.4g}" if e else "-"
+    secs = [stage.get(s, 0.0) for s in (f"metric.ln1.{k}", f"metric.ln2.{k}", f"edges.ln1.{k}", f"edges.ln2.{k}")]
+    print(f"| {k} | {a['d_lib']} / {pca_kept.get(a['name'], '-')} | {lead(a)} | {b['d_lib']} / {pca_kept.get(b['name'], '-')} | {lead(b)} | {tot(ea)} / {tot(eb)} | " + ", ".join(f"{s:.0f}" for s in secs) + " |")
+    k += 1
+print()
+print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in g["timings"] if not k.startswith("stage ")))
+lib = json.load(open(f"{out}/lib/ablation-nodes/ablation.json"))
+pca = json.load(open(f"{out}/pca/ablation-nodes/ablation.json"))
+print()
+print(f"Held-out cross-entropy, unablated: {lib['baseline']:.4f} nats")
+print()
+names = list(lib["node_layers"])
+ns = lib["node_layers"][names[0]]["n_kept"]
+print("| node layer | " + " | ".join(f"n = {n} (LIB / PCA)" for n in ns) + " |")
+print("|---|" + "---|" * len(ns))
+for name in names:
+    c, q = lib["node_layers"][name], pca["node_layers"].get(name)
+    cells = []
+    for n, s in zip(c["n_kept"], c["score"]):
+        ps = f"{q['score'][q['n_kept'].index(n)]:.3f}" if q and n in q["n_kept"] else "-"
+        cells.append(f"{s:.3f} / {ps}")
+    print(f"| {name} | " + " | ".join(cells) + " |")
+s = json.load(open(f"{out}/summary.json"))
+print()
+print(f"Leiden: {s['n_modules']} modules, Q = {s['modularity_q']:.3f}")
+print("pipeline timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings"]))
+PY
+fi

@@ -163,7 +163,15 @@ fn run_into(
         let (g, stages) = build_resumable(cfg, &format!("{source} ({name})"), &dir)?;
         let reused: Vec<&str> = stages
             .iter()
-            .filter(|(_, s)| !matches!(s, Source::Computed { pieces_reused: 0, .. }))
+            .filter(|(_, s)| {
+                !matches!(
+                    s,
+                    Source::Computed {
+                        pieces_reused: 0,
+                        ..
+                    }
+                )
+            })
             .map(|(n, _)| n.as_str())
             .collect();
         if !reused.is_empty() {

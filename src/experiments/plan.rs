@@ -11,7 +11,7 @@
 //! memory is the pilot's, a lower bound (measured on SmolLM2: 2.2 GB planned, 4.4 GB built).
 
 use super::config::{check_compatible, load_data, load_model, RunConfig};
-use crate::algorithm::basis::{is_ln_out, jacobian_metric, metric_path, pca};
+use crate::algorithm::basis::{jacobian_metric, metric_path, node_basis};
 use crate::algorithm::edges::{edge_path, edges};
 use crate::algorithm::pass::Prefix;
 use crate::algorithm::PREFIX_BYTES;
@@ -20,7 +20,7 @@ use crate::algorithm::{
 };
 use crate::algorithm::{LibConfig, NodeBasis};
 use crate::data::{Dataset, First};
-use crate::models::{Model, OUTPUT};
+use crate::models::Model;
 use crate::tensor::linalg::{eigh_abs_desc, flops};
 use faer::Mat;
 use rand::{Rng, SeedableRng};
@@ -63,15 +63,20 @@ impl Plan {
     }
 }
 
-/// Samples of the larger pilot: enough batches for every core, a small fraction of a large
-/// dataset. The smaller pilot has half as many.
-fn pilot_size(n: usize) -> usize {
-    n.min((n / 64).max(2 * rayon::current_num_threads()))
+/// Samples of the larger pilot: two full batches for every core where that is at most an
+/// eighth of the dataset (a pilot of fewer, smaller batches runs on fewer cores and smaller
+/// GEMMs: MNIST's 937-sample pilot, one batch on one core, timed its edges at 10 GFLOP/s
+/// against the build's 32), else an eighth; at least one sample per core. The smaller pilot
+/// has half as many.
+fn pilot_size(n: usize, batch: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let full = (2 * threads * batch.max(1)).max(n / 64);
+    n.min(full.min((n / 8).max(2 * threads)))
 }
 
-/// Two pilots of `n1 < n2` samples (or one when the dataset is that small): a step's cost is
+/// Two pilots of `n1 < n2` samples (or one when the dataset is that small): a step's FLOPs are
 /// `fixed + n * per_sample`, fitted through both, so one-off costs (materialising fixed linear
-/// maps, first-touch page faults, thread start-up) are not multiplied by `N / n`.
+/// maps) are not multiplied by `N / n`; its time goes at the large pilot's seconds per FLOP.
 struct Pilots<'a> {
     small: &'a dyn Dataset,
     large: &'a dyn Dataset,
@@ -92,7 +97,16 @@ impl Pilots<'_> {
             return Ok((out, f2, t2));
         }
         let n = self.n as f64;
-        Ok((out, fit(n1, f1, n2, f2, n), fit(n1, t1, n2, t2, n)))
+        let flops = fit(n1, f1, n2, f2, n);
+        // Time at the large pilot's rate per FLOP: the FLOPs are counted, not timed, so their
+        // fit separates the fixed costs exactly, where two timings can differ by the first
+        // run's warm-up alone (MNIST: a 3750-sample pilot timed 0.29 s, a 7500 one 0.33 s).
+        let seconds = if f2 > 0.0 {
+            t2 * flops / f2
+        } else {
+            fit(n1, t1, n2, t2, n)
+        };
+        Ok((out, flops, seconds))
     }
 }
 
@@ -139,7 +153,7 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
         .collect();
     // The pilot accumulates the same Grams as the build: refuse before allocating them.
     check_build_memory(model, &layers, &grams)?;
-    let n_pilot = pilot_size(n);
+    let n_pilot = pilot_size(n, cfg.batch_size);
     let data: Arc<dyn Dataset> = data.into();
     let (small, large) = (
         First::new(data.clone(), (n_pilot / 2).max(1)),
@@ -188,28 +202,11 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
         seconds: t,
     });
 
-    // Directions each layer keeps in the full run: the PCA rank, read off the pilot where the
-    // pilot has enough rows to show it, else full rank (at most N x positions). LIB's second
-    // truncation can only keep fewer, so the plan errs on the expensive side.
+    // The bases the large pilot's own build finds: what the full run keeps is at least what
+    // the pilot keeps (at most `N P` directions, and LIB's cut by the metric's spectrum: on
+    // MNIST layers.0 keeps 178 of 785, so full-rank stand-ins made the edges 4x too dear),
+    // and those bases time the metric and edge passes.
     let dims: Vec<usize> = moments.iter().map(|m| m.mean().len()).collect();
-    let mut kept = Vec::with_capacity(layers.len());
-    for (l, layer) in layers.iter().enumerate() {
-        let pos = crate::algorithm::pass::data_positions(model, pilot, layer.index);
-        let full = dims[l].min(n * pos);
-        let k = if !grams[l] {
-            full
-        } else if n_pilot * pos >= 2 * dims[l] {
-            let center = cfg.center && layer.name != OUTPUT;
-            let ln_var = cfg.isolate_ln_var && is_ln_out(&layer.name);
-            pca(&moments[l].gram(center), center, ln_var, cfg.tau)?
-                .d
-                .len()
-        } else {
-            full
-        };
-        kept.push(k.min(full));
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut eigh_seconds: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
     let mut eigh_cost = |d: usize| -> (f64, f64) {
         *eigh_seconds.entry(d).or_insert_with(|| {
@@ -222,57 +219,69 @@ pub fn plan(model: &Model, data: Box<dyn Dataset>, cfg: &LibConfig) -> anyhow::R
             (9.0 * (d as f64).powi(3), t.elapsed().as_secs_f64())
         })
     };
-
+    // Sections of the same method and dimensions cost the same (SmolLM2's 30 blocks): each
+    // is timed once.
+    let mut timed: BTreeMap<(String, usize, usize), (f64, f64)> = BTreeMap::new();
     let last = layers.len() - 1;
-    let mut bases = 0;
+    let mut bases: Vec<NodeBasis> = Vec::with_capacity(layers.len());
+    let mut basis_steps = Vec::new();
     for l in (0..layers.len()).rev() {
         let name = &layers[l].name;
-        if !cfg.rotates(l, layers.len()) {
-            continue;
-        }
-        // PCA of the Gram matrix; LIB bases add the metric and a second eigendecomposition.
-        let (ef, et) = eigh_cost(dims[l]);
+        let pos = crate::algorithm::pass::data_positions(model, pilot, layers[l].index);
         let lib =
             l < last && !matches!(cfg.basis_formula, BasisFormula::Svd | BasisFormula::Neuron);
-        let mut step = Step {
-            name: format!("basis {name}"),
-            path: "PCA".into(),
-            flops: ef,
-            seconds: et,
+        let n_next = bases.last().map_or(0, |b: &NodeBasis| b.d_lib());
+        let path = if lib {
+            metric_path(model, pilot, cfg, &layers, l, n_next)
+        } else {
+            "PCA".into()
         };
-        if lib {
-            let q = random(&mut rng, dims[l + 1], kept[l + 1]);
-            let (_, f, t) = pilots.extrapolate(|d| {
-                jacobian_metric(model, d, cfg, &layers, l, &q, &points, cfg.basis_formula)
-            })?;
-            step.path = metric_path(model, pilot, cfg, &layers, l, kept[l + 1]);
-            step.flops += ef + f;
-            step.seconds += et + t;
+        let key = (path.clone(), dims[l], n_next);
+        let mut cost = (0.0, 0.0);
+        let known = timed.get(&key).copied();
+        let mut metric = |q: &Mat<f64>, formula: BasisFormula| {
+            let (m, f, t) = pilots
+                .extrapolate(|d| jacobian_metric(model, d, cfg, &layers, l, q, &points, formula))?;
+            cost = known.unwrap_or((f, t));
+            Ok(Some(m))
+        };
+        let basis = node_basis(cfg, &layers, l, pos, &moments[l], bases.last(), &mut metric)?
+            .expect("the plan's metric is always known");
+        if cfg.rotates(l, layers.len()) {
+            timed.insert(key, cost);
+            let (ef, et) = eigh_cost(dims[l]);
+            let twice = if lib { 2.0 } else { 1.0 };
+            basis_steps.push(Step {
+                name: format!("basis {name}"),
+                path,
+                flops: twice * ef + cost.0,
+                seconds: twice * et + cost.1,
+            });
         }
-        steps.push(step);
-        bases += 1;
+        bases.push(basis);
     }
-    let first_basis = steps.len() - bases;
-    steps[first_basis..].reverse();
+    bases.reverse();
+    basis_steps.reverse();
+    steps.extend(basis_steps);
 
     if cfg.edge_formula != EdgeFormula::None {
         for l in 0..last {
-            let stand_in = |rng: &mut ChaCha8Rng, l: usize| {
-                let (d, k) = (dims[l], kept[l]);
-                NodeBasis {
-                    mean: vec![0.0; d],
-                    c: Some(random(rng, d, k)),
-                    c_pinv: Some(random(rng, k, d)),
-                    lambda: vec![1.0; k],
-                    ..NodeBasis::neuron(&layers[l].name, d, positions)
+            let (bi, bo) = (&bases[l], &bases[l + 1]);
+            let (n_in, n_out) = (bi.d_lib(), bo.d_lib());
+            let path = edge_path(model, cfg, &layers, l, n_in, n_out);
+            let key = (path.clone(), n_in, n_out);
+            let (f, t) = match timed.get(&key) {
+                Some(&c) => c,
+                None => {
+                    let (_, f, t) = pilots
+                        .extrapolate(|d| edges(model, d, cfg, &layers, l, bi, bo, &points))?;
+                    timed.insert(key, (f, t));
+                    (f, t)
                 }
             };
-            let (bi, bo) = (stand_in(&mut rng, l), stand_in(&mut rng, l + 1));
-            let (_, f, t) =
-                pilots.extrapolate(|d| edges(model, d, cfg, &layers, l, &bi, &bo, &points))?;
             steps.push(Step {
                 name: format!("edges {} -> {}", layers[l].name, layers[l + 1].name),
-                path: edge_path(model, cfg, &layers, l, kept[l], kept[l + 1]),
+                path,
                 flops: f,
                 seconds: t,
             });

@@ -15,6 +15,7 @@
 
 use super::modules::{cache, copy_cols_from_pos, copy_cols_to_pos, dot, gemm, read_rows};
 use crate::models::{Cache, Module};
+use crate::tensor::linalg::gemm_in;
 use crate::tensor::Batch;
 use faer::{Accum, Mat, MatMut, MatRef};
 use std::sync::Arc;
@@ -192,6 +193,14 @@ impl AttnOut {
             }
         }
     }
+}
+
+/// Where the JVP's `dz` goes: `dz w` (in f32 with `w32`), then the residual's tangent with
+/// `resid`.
+struct OutProjection<'a> {
+    w: MatRef<'a, f64>,
+    w32: Option<MatRef<'a, f32>>,
+    resid: bool,
 }
 
 /// Scratch budget of the VJP / JVP (doubles, 8 MB): vectors per block [`AttnOut::block`].
@@ -492,25 +501,36 @@ impl AttnOut {
     /// no residual: rows `(sample, tangent, position)` of `dz w`, from tangents on `(q, k, v)`
     /// alone (`dx` is `fqkv` wide). An edge computation folds `W_O'` into the next node
     /// layer's basis this way: one GEMM of `dz` where the module and a projection made two.
-    pub fn jvp_projected(&self, c: &Cache, dx: &Batch, w: MatRef<'_, f64>) -> Mat<f64> {
+    /// With `w32` (`w` rounded to f32), `dz w` is one f32 GEMM (`compute_dtype = "f32"`).
+    pub fn jvp_projected(
+        &self,
+        c: &Cache,
+        dx: &Batch,
+        w: MatRef<'_, f64>,
+        w32: Option<MatRef<'_, f32>>,
+    ) -> Mat<f64> {
         let c = cache::<AttnCache>(c, "attention");
         assert_eq!(w.nrows(), self.heads * self.dv(), "{}: projection", self.id);
-        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, w, false)
+        let out = OutProjection {
+            w,
+            w32,
+            resid: false,
+        };
+        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, &out)
             .data
     }
 
     /// [`Module::jvp`] in blocks of `rb` tangents and causal chunks of `cq` queries, `dz`
-    /// projected by `w_out` (`W_O'` for the module's own JVP), the residual's tangent passed
-    /// through with `resid`.
+    /// projected by `out` (`W_O'` and the residual's tangent for the module's own JVP).
     fn jvp_blocked(
         &self,
         c: &AttnCache,
         dx: &Batch,
         rb: usize,
         cq: usize,
-        w_out: MatRef<'_, f64>,
-        resid: bool,
+        out_proj: &OutProjection,
     ) -> Batch {
+        let (w_out, resid) = (out_proj.w, out_proj.resid);
         let (n, r, pos, heads, dh, dv, f) = (
             dx.n,
             dx.r,
@@ -615,14 +635,24 @@ impl AttnOut {
                         }
                     }
                 }
-                gemm(
-                    out.as_mut()
-                        .subrows_mut((xs * r + v0) * pout, nb * pout)
-                        .subcols_mut(0, w_out.ncols()),
-                    Accum::Replace,
-                    rm(dz, 0, nb * pout, hz, hz),
-                    w_out,
-                );
+                let dst = out
+                    .as_mut()
+                    .subrows_mut((xs * r + v0) * pout, nb * pout)
+                    .subcols_mut(0, w_out.ncols());
+                match out_proj.w32 {
+                    None => gemm(dst, Accum::Replace, rm(dz, 0, nb * pout, hz, hz), w_out),
+                    Some(w32) => {
+                        let z32 = Mat::<f32>::from_fn(nb * pout, hz, |i, j| dz[i * hz + j] as f32);
+                        let mut o32 = Mat::<f32>::zeros(nb * pout, w32.ncols());
+                        gemm_in(o32.as_mut(), Accum::Replace, z32.as_ref(), w32);
+                        let mut dst = dst;
+                        for j in 0..w32.ncols() {
+                            for i in 0..nb * pout {
+                                dst[(i, j)] = o32[(i, j)] as f64;
+                            }
+                        }
+                    }
+                }
             }
         }
         if resid {
@@ -742,14 +772,12 @@ impl Module for AttnOut {
     /// then `dattn = dz W_O'`; the residual's tangent passes through.
     fn jvp(&self, c: &Cache, dx: &Batch) -> Batch {
         let c = cache::<AttnCache>(c, "attention");
-        self.jvp_blocked(
-            c,
-            dx,
-            self.block(dx.r, dx.pos),
-            CHUNK,
-            self.w_o.as_ref(),
-            true,
-        )
+        let out = OutProjection {
+            w: self.w_o.as_ref(),
+            w32: None,
+            resid: true,
+        };
+        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, &out)
     }
 }
 
