@@ -522,6 +522,52 @@ struct LineChart {
     legend_pos: SeriesLabelPosition,
 }
 
+/// Most lines a legend lists one by one; beyond it (SmolLM2's 61 node layers drew 122 spectra
+/// whose legend ran off the figure) [`shade_by_depth`] takes over.
+const LEGEND_MAX: usize = 12;
+
+/// Colours many lines by depth instead of by the palette's ten cycling colours: lines are
+/// grouped by their label's first word (`LIB`, `PCA`), each group gets one palette hue, light
+/// for its first line and dark for its last, and the legend names only those two ends.
+fn shade_by_depth(lines: &mut [Series]) {
+    if lines.len() <= LEGEND_MAX {
+        return;
+    }
+    let group = |l: &Series| l.label.split_whitespace().next().unwrap_or("").to_string();
+    let mut groups: Vec<String> = Vec::new();
+    for l in lines.iter() {
+        if !groups.contains(&group(l)) {
+            groups.push(group(l));
+        }
+    }
+    for (g, name) in groups.iter().enumerate() {
+        let RGBColor(r, gr, b) = PALETTE[g % PALETTE.len()];
+        let members: Vec<usize> = (0..lines.len())
+            .filter(|&i| group(&lines[i]) == *name)
+            .collect();
+        let m = members.len();
+        for (k, &i) in members.iter().enumerate() {
+            // From 70% white (t = 0) to 40% black (t = 1).
+            let t = if m > 1 {
+                k as f64 / (m - 1) as f64
+            } else {
+                1.0
+            };
+            let shade = |c: u8| {
+                let c = c as f64;
+                let light = c + 0.7 * (255.0 - c);
+                (light + t * (0.6 * c - light)).round() as u8
+            };
+            lines[i].colour = RGBColor(shade(r), shade(gr), shade(b));
+            lines[i].label = match k {
+                0 if m > 1 => format!("{} (lightest)", lines[i].label),
+                _ if k == m - 1 => format!("{} (darkest)", lines[i].label),
+                _ => String::new(),
+            };
+        }
+    }
+}
+
 fn bounds(values: impl Iterator<Item = f64>, log: bool) -> anyhow::Result<(f64, f64)> {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
@@ -608,10 +654,13 @@ impl LineChart {
             let style = series
                 .colour
                 .stroke_width((series.width * s).round().max(1.0) as u32);
-            chart
-                .draw_series(LineSeries::new(series.points.iter().copied(), style))?
-                .label(series.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + px(20.0, s), y)], style));
+            let drawn = chart.draw_series(LineSeries::new(series.points.iter().copied(), style))?;
+            // An empty label stays out of the legend ([`shade_by_depth`]).
+            if !series.label.is_empty() {
+                drawn.label(series.label.clone()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + px(20.0, s), y)], style)
+                });
+            }
             if series.markers {
                 chart.draw_series(
                     series
@@ -782,6 +831,7 @@ pub fn draw_spectra(stem: &Path, series: &[(String, Vec<f64>)]) -> anyhow::Resul
         lines.iter().any(|l| !l.points.is_empty()),
         "the spectra have no positive values"
     );
+    shade_by_depth(&mut lines);
     let fig = LineChart {
         title: "Feature importance spectra".into(),
         x_label: "feature (by importance)".into(),
@@ -837,6 +887,7 @@ pub fn draw_edge_mass(stem: &Path, series: &[(String, Vec<f64>)]) -> anyhow::Res
         });
     }
     ensure!(!lines.is_empty(), "all edge matrices are zero");
+    shade_by_depth(&mut lines);
     let fig = LineChart {
         title: "Edge mass".into(),
         x_label: "number of largest edges".into(),
@@ -874,6 +925,47 @@ mod tests {
             layers: vec![layer("a"), layer("b"), layer("c")],
             edges: vec![e.clone(), e],
         }
+    }
+
+    #[test]
+    fn many_lines_are_shaded_by_depth_with_a_two_entry_legend_per_group() {
+        let line = |label: String| Series {
+            label,
+            points: vec![(1.0, 1.0)],
+            colour: INK,
+            width: 1.0,
+            markers: false,
+        };
+        let mut few: Vec<Series> = (0..3).map(|k| line(format!("LIB l{k}"))).collect();
+        shade_by_depth(&mut few);
+        assert!(few.iter().all(|l| l.colour == INK && !l.label.is_empty()));
+        let mut lines: Vec<Series> = ["LIB", "PCA"]
+            .iter()
+            .flat_map(|m| (0..20).map(move |k| format!("{m} l{k}")))
+            .map(line)
+            .collect();
+        shade_by_depth(&mut lines);
+        let labelled: Vec<&str> = lines
+            .iter()
+            .map(|l| l.label.as_str())
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(
+            labelled,
+            [
+                "LIB l0 (lightest)",
+                "LIB l19 (darkest)",
+                "PCA l0 (lightest)",
+                "PCA l19 (darkest)"
+            ]
+        );
+        let brightness = |c: RGBColor| c.0 as u32 + c.1 as u32 + c.2 as u32;
+        for group in lines.chunks(20) {
+            assert!(group
+                .windows(2)
+                .all(|w| brightness(w[0].colour) > brightness(w[1].colour)));
+        }
+        assert_ne!(lines[0].colour, lines[20].colour, "one hue per group");
     }
 
     #[test]
