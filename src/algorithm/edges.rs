@@ -14,7 +14,7 @@ use super::section::{
 use super::{ComputeDtype, EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
 use crate::models::{Activation, Model, Module, Section, Structure};
-use crate::tensor::linalg::{cast, gemm, gemm_in, mm, Real};
+use crate::tensor::linalg::{cast, gemm, gemm_f32, gemm_in, mm, Real};
 use crate::tensor::simd::add_squared_product;
 use crate::tensor::Batch;
 use faer::{Mat, MatRef};
@@ -1220,15 +1220,9 @@ fn jvp_edges(ctx: &EdgeSection) -> Mat<f64> {
         match &sq32 {
             None => mm(t.as_ref(), sq.as_ref()),
             Some(sq32) => {
-                let t32 = cast::<f32>(t.as_ref());
-                let mut out = Mat::<f32>::zeros(t.nrows(), sq32.ncols());
-                gemm_in(
-                    out.as_mut(),
-                    faer::Accum::Replace,
-                    t32.as_ref(),
-                    sq32.as_ref(),
-                );
-                Mat::from_fn(out.nrows(), out.ncols(), |i, j| out[(i, j)] as f64)
+                let mut out = Mat::zeros(t.nrows(), sq32.ncols());
+                gemm_f32(out.as_mut(), t.as_ref(), sq32.as_ref());
+                out
             }
         }
     };

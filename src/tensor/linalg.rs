@@ -175,6 +175,19 @@ pub fn cast<T: Real>(m: MatRef<'_, f64>) -> Mat<T> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| T::of(m[(i, j)]))
 }
 
+/// `dst = a b32` with `a` rounded to f32 and the product in f32, stored back in f64: the
+/// `compute_dtype = "f32"` product of a block of tangents and a projection rounded once.
+pub fn gemm_f32(mut dst: MatMut<'_, f64>, a: MatRef<'_, f64>, b32: MatRef<'_, f32>) {
+    let a32 = cast::<f32>(a);
+    let mut out = Mat::<f32>::zeros(a.nrows(), b32.ncols());
+    gemm_in(out.as_mut(), Accum::Replace, a32.as_ref(), b32);
+    for j in 0..out.ncols() {
+        for i in 0..out.nrows() {
+            dst[(i, j)] = out[(i, j)] as f64;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@
 
 use super::modules::{cache, copy_cols_from_pos, copy_cols_to_pos, dot, gemm, read_rows};
 use crate::models::{Cache, Module};
-use crate::tensor::linalg::gemm_in;
+use crate::tensor::linalg::gemm_f32;
 use crate::tensor::Batch;
 use faer::{Accum, Mat, MatMut, MatRef};
 use std::sync::Arc;
@@ -641,17 +641,7 @@ impl AttnOut {
                     .subcols_mut(0, w_out.ncols());
                 match out_proj.w32 {
                     None => gemm(dst, Accum::Replace, rm(dz, 0, nb * pout, hz, hz), w_out),
-                    Some(w32) => {
-                        let z32 = Mat::<f32>::from_fn(nb * pout, hz, |i, j| dz[i * hz + j] as f32);
-                        let mut o32 = Mat::<f32>::zeros(nb * pout, w32.ncols());
-                        gemm_in(o32.as_mut(), Accum::Replace, z32.as_ref(), w32);
-                        let mut dst = dst;
-                        for j in 0..w32.ncols() {
-                            for i in 0..nb * pout {
-                                dst[(i, j)] = o32[(i, j)] as f64;
-                            }
-                        }
-                    }
+                    Some(w32) => gemm_f32(dst, rm(dz, 0, nb * pout, hz, hz), w32),
                 }
             }
         }

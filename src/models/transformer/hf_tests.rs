@@ -1183,11 +1183,19 @@ fn norm_section_edges_equal_the_general_path_in_every_family() {
             }
             cfg.compute_dtype = ComputeDtype::F32;
             let low = build(&model, &data, &cfg).unwrap();
+            // The general path's f32 projection too (`jvp_edges`).
+            let opaque = load(&ck, &opts(true, None), true).opaque();
+            let low_slow = build(&opaque, &data, &cfg).unwrap();
             for l in 0..2 {
                 let err = rel(&low.edges[l], &fast.edges[l]);
                 assert!(
                     err <= 1e-4 && err > 0.0,
                     "{family:?} {rule:?} edges {l}: f32 {err:e}"
+                );
+                let err = rel(&low_slow.edges[l], &slow.edges[l]);
+                assert!(
+                    err <= 1e-4 && err > 0.0,
+                    "{family:?} {rule:?} edges {l}: general path in f32 {err:e}"
                 );
             }
         }
