@@ -13,9 +13,9 @@
 //! Scratch (`Scratch`, at most `SCRATCH` doubles) is reused across blocks, heads and
 //! samples; the output projection is one GEMM per block.
 
-use super::modules::{cache, copy_cols_from_pos, copy_cols_to_pos, dot, gemm, read_rows};
+use super::modules::{cache, copy_cols_from_pos, copy_cols_to_pos, gemm, read_rows};
 use crate::models::{Cache, Module};
-use crate::tensor::linalg::gemm_f32;
+use crate::tensor::linalg::{gemm_in, Real};
 use crate::tensor::Batch;
 use faer::{Accum, Mat, MatMut, MatRef};
 use std::sync::Arc;
@@ -72,12 +72,13 @@ impl Rotary {
 
     /// Rotates one head's vector `v` by position `s`'s angles, or by minus them (`inverse`).
     #[inline]
-    fn rotate(&self, v: &mut [f64], s: usize, inverse: bool) {
+    fn rotate<T: Real>(&self, v: &mut [T], s: usize, inverse: bool) {
         let half = self.dims / 2;
         let (cos, sin) = (&self.cos[s * half..][..half], &self.sin[s * half..][..half]);
         let (lo, hi) = v[..self.dims].split_at_mut(half);
         for i in 0..half {
             let (c, sn) = (cos[i], if inverse { -sin[i] } else { sin[i] });
+            let (c, sn) = (T::of(c), T::of(sn));
             let (a, b) = (lo[i], hi[i]);
             lo[i] = a * c - b * sn;
             hi[i] = b * c + a * sn;
@@ -177,7 +178,7 @@ impl AttnOut {
     }
     /// Applies the rotary embedding of position `s` to every query and key head of one row of
     /// `(q, k, v)` (`inverse`: its transpose).
-    fn rotate_row(&self, row: &mut [f64], s: usize, inverse: bool) {
+    fn rotate_row<T: Real>(&self, row: &mut [T], s: usize, inverse: bool) {
         if let Some(rot) = &self.rotary {
             let dh = self.d_head;
             for head in row[..self.fq() + self.fk()].chunks_exact_mut(dh) {
@@ -212,20 +213,20 @@ const CHUNK: usize = 32;
 
 /// The row-major `nrows x ncols` matrix at `buf[off..]`, rows `stride` apart.
 #[inline]
-fn rm(buf: &[f64], off: usize, nrows: usize, ncols: usize, stride: usize) -> MatRef<'_, f64> {
+fn rm<T>(buf: &[T], off: usize, nrows: usize, ncols: usize, stride: usize) -> MatRef<'_, T> {
     MatRef::from_row_major_slice_with_stride(&buf[off..], nrows, ncols, stride)
 }
 
 /// [`rm`], mutable. (Not faer 0.24's `from_row_major_slice_with_stride_mut`: it builds the
 /// column-major view.)
 #[inline]
-fn rm_mut(
-    buf: &mut [f64],
+fn rm_mut<T>(
+    buf: &mut [T],
     off: usize,
     nrows: usize,
     ncols: usize,
     stride: usize,
-) -> MatMut<'_, f64> {
+) -> MatMut<'_, T> {
     MatMut::from_column_major_slice_with_stride_mut(&mut buf[off..], ncols, nrows, stride)
         .transpose_mut()
 }
@@ -248,16 +249,17 @@ const TILE: usize = 16;
 
 /// `dst[(s nb + v) stride + j] = m[(row0 + v pos + s, c0 + j)]` for `v < nb`, `s < pos`,
 /// `j < w`: rows `(v, s)` of a column-major batch into position-major rows `(s, v)`, in tiles
-/// of [`TILE`] columns (the writes run through `dst` in order, the reads stay in cache).
+/// of [`TILE`] columns (the writes run through `dst` in order, the reads stay in cache),
+/// rounded to `T`.
 #[allow(clippy::too_many_arguments)]
-fn gather(
+fn gather<T: Real>(
     m: &Mat<f64>,
     row0: usize,
     nb: usize,
     pos: usize,
     c0: usize,
     w: usize,
-    dst: &mut [f64],
+    dst: &mut [T],
     stride: usize,
 ) {
     for jb in (0..w).step_by(TILE) {
@@ -268,7 +270,7 @@ fn gather(
             for v in 0..nb {
                 let d = &mut dst[(s * nb + v) * stride + jb..][..cols.len()];
                 for (x, col) in d.iter_mut().zip(&cols) {
-                    *x = col[v * pos + s];
+                    *x = T::of(col[v * pos + s]);
                 }
             }
         }
@@ -309,20 +311,20 @@ fn scatter(
 
 /// Scratch of one block of `nb` vectors, position-major: rows `(s, v)` (row `s nb + v`), so a
 /// range of positions of all the block's vectors is one contiguous, evenly strided matrix.
-struct Scratch {
+struct Scratch<T> {
     /// Tangents (cotangents) on `q, k`, rotated: rows `(s, v)`, `H d_head + H_kv d_head` wide.
-    qk: Vec<f64>,
+    qk: Vec<T>,
     /// On `v`: kv head `g`, position `s`, vector `v` at `((g pos + s) nb + v) (d_head + 1)`, so
     /// that `[dv_1 | dv_2 | ..]` of one kv head is a `pos x nb (d_head + 1)` matrix.
-    v: Vec<f64>,
+    v: Vec<T>,
     /// Scores of one chunk: rows `(t, v)`, one column per key of the chunk.
-    sc: Vec<f64>,
+    sc: Vec<T>,
     /// The same transposed per vector: rows `(s, v)`, one column per query of the chunk.
-    tr: Vec<f64>,
+    tr: Vec<T>,
     /// One head's `dz` (`gz`): rows `(t, v)`, `d_head + 1` wide.
-    zh: Vec<f64>,
+    zh: Vec<T>,
     /// All heads' `dz` (`gz`) in the output's order: rows `(v, t)`, `H (d_head + 1)` wide.
-    z: Vec<f64>,
+    z: Vec<T>,
 }
 
 impl AttnOut {
@@ -341,16 +343,17 @@ impl AttnOut {
         (SCRATCH / self.scratch_per_vector(pos).max(1)).clamp(1, r.max(1))
     }
 
-    fn scratch(&self, nb: usize, pos: usize, cq: usize) -> Scratch {
+    fn scratch<T: Real>(&self, nb: usize, pos: usize, cq: usize) -> Scratch<T> {
         let (pout, dv, wqk) = (self.out_pos(pos), self.dv(), self.fq() + self.fk());
         let cq = cq.min(pout);
+        let zero = T::of(0.0);
         Scratch {
-            qk: vec![0.0; nb * pos * wqk],
-            v: vec![0.0; nb * pos * self.kv_heads * dv],
-            sc: vec![0.0; nb * cq * pos],
-            tr: vec![0.0; nb * cq * pos],
-            zh: vec![0.0; nb * pout * dv],
-            z: vec![0.0; nb * pout * self.heads * dv],
+            qk: vec![zero; nb * pos * wqk],
+            v: vec![zero; nb * pos * self.kv_heads * dv],
+            sc: vec![zero; nb * cq * pos],
+            tr: vec![zero; nb * cq * pos],
+            zh: vec![zero; nb * pout * dv],
+            z: vec![zero; nb * pout * self.heads * dv],
         }
     }
 
@@ -365,10 +368,10 @@ impl AttnOut {
     /// `scale p_ts (sc_ts - sum_s' p_ts' sc_ts')` on the window `K(t)`, 0 elsewhere (the
     /// softmax's JVP, and its VJP: the Jacobian is symmetric). `ph`: head `h`'s weights, rows
     /// `t` of `pos`.
-    fn softmax_diff(
+    fn softmax_diff<T: Real>(
         &self,
-        sc: &mut [f64],
-        ph: &[f64],
+        sc: &mut [T],
+        ph: &[T],
         pos: usize,
         (a, b, lo): (usize, usize, usize),
         nb: usize,
@@ -377,12 +380,16 @@ impl AttnOut {
             let t = a + i / nb;
             let (s0, s1) = (self.first_key(t) - lo, t + 1 - lo);
             let pt = &ph[t * pos + lo..][s0..s1];
-            let mean = dot(pt, &row[s0..s1]);
+            let mean = pt
+                .iter()
+                .zip(&row[s0..s1])
+                .fold(T::of(0.0), |acc, (&p, &x)| acc + p * x);
+            let scale = T::of(self.scale);
             for (x, &p) in row[s0..s1].iter_mut().zip(pt) {
-                *x = self.scale * p * (*x - mean);
+                *x = scale * p * (*x - mean);
             }
-            row[..s0].fill(0.0);
-            row[s1..].fill(0.0);
+            row[..s0].fill(T::of(0.0));
+            row[s1..].fill(T::of(0.0));
         }
     }
 
@@ -521,7 +528,11 @@ impl AttnOut {
     }
 
     /// [`Module::jvp`] in blocks of `rb` tangents and causal chunks of `cq` queries, `dz`
-    /// projected by `out` (`W_O'` and the residual's tangent for the module's own JVP).
+    /// projected by `out` (`W_O'` and the residual's tangent for the module's own JVP). With
+    /// `out.w32` every product runs in f32 (tangents, `q k v` and `p` rounded once per sample),
+    /// with twice the block of vectors in the same scratch bytes: at SmolLM2's sizes the score
+    /// and value products are ~0.4 MFLOP per tangent row, ~40% of a `norm -> attention`
+    /// section's FLOPs, and f64's small GEMMs ran at half the f32 rate.
     fn jvp_blocked(
         &self,
         c: &AttnCache,
@@ -530,7 +541,34 @@ impl AttnOut {
         cq: usize,
         out_proj: &OutProjection,
     ) -> Batch {
-        let (w_out, resid) = (out_proj.w, out_proj.resid);
+        let width = if out_proj.resid {
+            2 * self.resid
+        } else {
+            out_proj.w.ncols()
+        };
+        let mut out = match out_proj.w32 {
+            None => self.jvp_core(c, dx, rb, cq, out_proj.w, width),
+            Some(w32) => self.jvp_core(c, dx, 2 * rb, cq, w32, width),
+        };
+        let (f, pos) = (self.fqkv(), dx.pos);
+        if out_proj.resid {
+            let t0 = self.t0(pos);
+            copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
+        }
+        Batch::new(dx.n, dx.r, self.out_pos(pos), out)
+    }
+
+    /// [`Self::jvp_blocked`] in precision `T`: `dz w_out` in the first `w_out.ncols()` of
+    /// `width` columns (the rest, zeros, for the residual's tangent).
+    fn jvp_core<T: Real>(
+        &self,
+        c: &AttnCache,
+        dx: &Batch,
+        rb: usize,
+        cq: usize,
+        w_out: MatRef<'_, T>,
+        width: usize,
+    ) -> Mat<f64> {
         let (n, r, pos, heads, dh, dv, f) = (
             dx.n,
             dx.r,
@@ -547,12 +585,21 @@ impl AttnOut {
             heads * dv,
             self.fq() + self.fk(),
         );
-        let width = if resid { 2 * self.resid } else { w_out.ncols() };
         let mut out = Mat::zeros(n * r * pout, width);
         let (rb, cq) = (rb.clamp(1, r.max(1)), cq.max(1));
-        let mut sb = self.scratch(rb, pos, cq);
+        let mut sb = self.scratch::<T>(rb, pos, cq);
+        let mut proj = Mat::<T>::zeros(rb * pout, w_out.ncols());
         for xs in 0..n {
-            let qkv = &c.qkv[xs * pos * f..(xs + 1) * pos * f];
+            // This sample's forward point in `T`.
+            let qkv: Vec<T> = c.qkv[xs * pos * f..][..pos * f]
+                .iter()
+                .map(|&x| T::of(x))
+                .collect();
+            let p_x: Vec<T> = c.p[xs * heads * pos * pos..][..heads * pos * pos]
+                .iter()
+                .map(|&x| T::of(x))
+                .collect();
+            let qkv = &qkv[..];
             for v0 in (0..r).step_by(rb) {
                 let nb = rb.min(r - v0);
                 let Scratch {
@@ -584,20 +631,20 @@ impl AttnOut {
                 for h in 0..heads {
                     let (oq, ok, ov) = self.offsets(h);
                     let og = (ov - wqk) / dv * pos * nb * dv;
-                    let ph = &c.p[(xs * heads + h) * pos * pos..][..pos * pos];
+                    let ph = &p_x[h * pos * pos..][..pos * pos];
                     for ch in self.chunks(pos, cq) {
                         let (a, b, lo) = ch;
                         let (m, ns) = (b - a, b - lo);
                         let (sc, tr) = (&mut sc[..m * nb * ns], &mut tr[..m * nb * ns]);
                         let zc = (a - t0) * nb * dv;
                         // da = dq K^T + (dk Q^T)^T.
-                        gemm(
+                        gemm_in(
                             rm_mut(sc, 0, m * nb, ns, ns),
                             Accum::Replace,
                             rm(tqk, a * nb * wqk + oq, m * nb, dh, wqk),
                             rm(qkv, lo * f + ok, ns, dh, f).transpose(),
                         );
-                        gemm(
+                        gemm_in(
                             rm_mut(tr, 0, ns * nb, m, m),
                             Accum::Replace,
                             rm(tqk, lo * nb * wqk + ok, ns * nb, dh, wqk),
@@ -614,13 +661,13 @@ impl AttnOut {
                         }
                         self.softmax_diff(sc, ph, pos, ch, nb);
                         // dz = dp V, then [dz_1 | dz_2 | ..] += P [dv_1 | dv_2 | ..].
-                        gemm(
+                        gemm_in(
                             rm_mut(zh, zc, m * nb, dv, dv),
                             Accum::Replace,
                             rm(sc, 0, m * nb, ns, ns),
                             rm(qkv, lo * f + ov, ns, dv, f),
                         );
-                        gemm(
+                        gemm_in(
                             rm_mut(zh, zc, m, nb * dv, nb * dv),
                             Accum::Add,
                             rm(ph, a * pos + lo, m, ns, pos),
@@ -635,20 +682,22 @@ impl AttnOut {
                         }
                     }
                 }
-                let dst = out
-                    .as_mut()
-                    .subrows_mut((xs * r + v0) * pout, nb * pout)
-                    .subcols_mut(0, w_out.ncols());
-                match out_proj.w32 {
-                    None => gemm(dst, Accum::Replace, rm(dz, 0, nb * pout, hz, hz), w_out),
-                    Some(w32) => gemm_f32(dst, rm(dz, 0, nb * pout, hz, hz), w32),
+                gemm_in(
+                    proj.as_mut().subrows_mut(0, nb * pout),
+                    Accum::Replace,
+                    rm(dz, 0, nb * pout, hz, hz),
+                    w_out,
+                );
+                let row0 = (xs * r + v0) * pout;
+                for j in 0..w_out.ncols() {
+                    let dst = &mut out.col_as_slice_mut(j)[row0..][..nb * pout];
+                    for (d, &p) in dst.iter_mut().zip(proj.col(j).subrows(0, nb * pout).iter()) {
+                        *d = p.f64();
+                    }
                 }
             }
         }
-        if resid {
-            copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
-        }
-        Batch::new(n, r, pout, out)
+        out
     }
 }
 

@@ -7,6 +7,11 @@ use crate::tensor::simd::axpy;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// `a . b`, a plain loop (the references' own, not the module's kernels).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// Reference forward: scalar loops per `(sample, head, query)`. Output and the weights `p`.
 fn ref_forward(m: &AttnOut, x: &Batch) -> (Mat<f64>, Vec<f64>) {
     let (n, pos, heads, dh, dv, f) = (x.n, x.pos, m.heads, m.d_head, m.dv(), m.fqkv());
@@ -327,6 +332,24 @@ fn timing_smollm2_attention() {
             x(t_vr, t_v),
             x(core(t_jr), core(t_j)),
             x(core(t_vr), core(t_v)),
+        );
+        // `norm -> attention` edges' form: (q, k, v) tangents, `dz` onto a 577-wide basis,
+        // in f64 and in f32 (`compute_dtype = "f32"`).
+        let qkv_only = Batch::new(1, r, pos, dx.data.subcols(0, m.fqkv()).to_owned());
+        let w = Mat::from_fn(m.heads * m.dv(), resid, |i, j| {
+            ((i * 7 + j) % 13) as f64 - 6.0
+        });
+        let w32 = crate::tensor::linalg::cast::<f32>(w.as_ref());
+        let proj = |w32: Option<MatRef<'_, f32>>| {
+            let start = thread_cpu();
+            let out = m.jvp_projected(&cache, &qkv_only, w.as_ref(), w32);
+            (thread_cpu() - start, out)
+        };
+        let ((t64, p64), (t32, p32)) = (proj(None), proj(Some(w32.as_ref())));
+        eprintln!(
+            "  projected jvp: f64 {t64:?}, f32 {t32:?} (x{:.2}; rel diff {:.1e})",
+            x(t64, t32),
+            rel(p32.as_ref(), p64.as_ref())
         );
     }
 }

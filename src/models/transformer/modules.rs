@@ -128,11 +128,6 @@ pub(super) fn copy_cols_to_pos(
     }
 }
 
-#[inline]
-pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 pub(super) fn cache<'a, T: 'static>(c: &'a Cache, what: &str) -> &'a T {
     c.downcast_ref::<T>()
         .unwrap_or_else(|| panic!("{what}: cache from another module"))
