@@ -117,7 +117,21 @@ pub(crate) fn replace_dir(staging: &Path, dir: &Path) -> anyhow::Result<()> {
 /// place only once every one is complete, in the order given (a kill within that last step,
 /// a few microseconds, can still mix them).
 pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result<()> {
-    let ours = |name: &std::ffi::OsStr| files.iter().any(|(n, _)| name == std::ffi::OsStr::new(n));
+    let names: Vec<&str> = files.iter().map(|f| f.0).collect();
+    write_as_one(dir, &names, &|i, path| {
+        std::fs::write(path, files[i].1).with_context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// [`write_files_as_one`] with the files written by `write(i, path)` (file `names[i]` at its
+/// temporary `path`), for contents too large to hold twice (a graph's safetensors: written
+/// tensor by tensor).
+pub fn write_as_one(
+    dir: &Path,
+    names: &[&str],
+    write: &dyn Fn(usize, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let ours = |name: &std::ffi::OsStr| names.iter().any(|n| name == std::ffi::OsStr::new(n));
     let only_ours = match std::fs::read_dir(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => return Err(e).with_context(|| format!("cannot read folder {}", dir.display())),
@@ -133,10 +147,7 @@ pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result
     // (`--out .` has no name to stage beside: its files are replaced one by one.)
     if only_ours && dir.file_name().is_some() {
         let staging = fresh_staging(dir)?;
-        let written = files.iter().try_for_each(|(name, bytes)| {
-            std::fs::write(staging.join(name), bytes)
-                .with_context(|| format!("cannot write {}", staging.join(name).display()))
-        });
+        let written = (0..names.len()).try_for_each(|i| write(i, &staging.join(names[i])));
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
@@ -146,19 +157,19 @@ pub fn write_files_as_one(dir: &Path, files: &[(&str, &[u8])]) -> anyhow::Result
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let pid = std::process::id();
-    let tmp: Vec<PathBuf> = files
+    let tmp: Vec<PathBuf> = names
         .iter()
-        .map(|(name, _)| dir.join(format!(".{name}.{pid}.tmp")))
+        .map(|name| dir.join(format!(".{name}.{pid}.tmp")))
         .collect();
-    for ((_, bytes), t) in files.iter().zip(&tmp) {
-        if let Err(e) = std::fs::write(t, bytes) {
+    for (i, t) in tmp.iter().enumerate() {
+        if let Err(e) = write(i, t) {
             for t in &tmp {
                 let _ = std::fs::remove_file(t);
             }
-            return Err(e).with_context(|| format!("cannot write {}", t.display()));
+            return Err(e);
         }
     }
-    for ((name, _), t) in files.iter().zip(&tmp) {
+    for (name, t) in names.iter().zip(&tmp) {
         std::fs::rename(t, dir.join(name))
             .with_context(|| format!("cannot move {} into place", dir.join(name).display()))?;
     }
