@@ -144,6 +144,10 @@ pub trait Real:
 {
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
+    /// `xs` in this precision: borrowed as it is for f64, rounded into a copy otherwise.
+    fn slice_of(xs: &[f64]) -> std::borrow::Cow<'_, [Self]> {
+        std::borrow::Cow::Owned(xs.iter().map(|&x| Self::of(x)).collect())
+    }
 }
 
 impl Real for f64 {
@@ -152,6 +156,9 @@ impl Real for f64 {
     }
     fn f64(self) -> f64 {
         self
+    }
+    fn slice_of(xs: &[f64]) -> std::borrow::Cow<'_, [Self]> {
+        std::borrow::Cow::Borrowed(xs)
     }
 }
 

@@ -590,15 +590,9 @@ impl AttnOut {
         let mut sb = self.scratch::<T>(rb, pos, cq);
         let mut proj = Mat::<T>::zeros(rb * pout, w_out.ncols());
         for xs in 0..n {
-            // This sample's forward point in `T`.
-            let qkv: Vec<T> = c.qkv[xs * pos * f..][..pos * f]
-                .iter()
-                .map(|&x| T::of(x))
-                .collect();
-            let p_x: Vec<T> = c.p[xs * heads * pos * pos..][..heads * pos * pos]
-                .iter()
-                .map(|&x| T::of(x))
-                .collect();
+            // This sample's forward point in `T` (no copy in f64).
+            let qkv = T::slice_of(&c.qkv[xs * pos * f..][..pos * f]);
+            let p_x = T::slice_of(&c.p[xs * heads * pos * pos..][..heads * pos * pos]);
             let qkv = &qkv[..];
             for v0 in (0..r).step_by(rb) {
                 let nb = rb.min(r - v0);
