@@ -13,6 +13,7 @@ use super::section::{
 };
 use super::{ComputeDtype, EdgeFormula, LibConfig, NodeBasis, NodeLayer};
 use crate::data::Dataset;
+use crate::models::transformer::attention::Tangents;
 use crate::models::{Activation, Model, Module, Section, Structure};
 use crate::tensor::linalg::{cast, gemm, gemm_f32, gemm_in, mm, Real};
 use crate::tensor::simd::add_squared_product;
@@ -941,7 +942,9 @@ fn norm_mlp_edges_in<T: Real>(
             let proj = mm(fhat.as_ref(), c_pinv.as_ref());
             let n_rows = proj.nrows();
             let NormRows { cx, var, a, b } = nt.rows(&proj, pre);
-            let (a_rows, b_rows) = (cast::<T>(a.as_ref()), cast::<T>(b.as_ref()));
+            // `a` transposed, so that a row's coefficients are one contiguous column (the
+            // loop below read them strided and did not vectorise: 18% of the stage).
+            let (a_cols, b_rows) = (cast::<T>(a.transpose()), cast::<T>(b.as_ref()));
             // Per point: sigma, the rank-one coefficient, and the units' coefficients at z(a).
             let per_point: Vec<PointTerms> = points
                 .iter()
@@ -969,39 +972,40 @@ fn norm_mlp_edges_in<T: Real>(
                 })
                 .collect();
             let fhat_t = fhat.transpose().to_owned();
-            let mut tangent = Mat::<T>::zeros(n_in, pre);
             let mut a_bar = Mat::<T>::zeros(n_in, units);
             let mut h = Mat::<T>::zeros(n_in, n_out);
             let mut h64 = vec![0.0; n_in];
             for row in 0..n_rows {
-                a_bar.fill(T::of(0.0));
-                for (w, sigma, rank1, coef) in &per_point {
+                let ar = a_cols.col_as_slice(row);
+                // Column k of the tangent rows is `G0_k + s G1_k + g b_k a` (s = sigma,
+                // g = the rank-one coefficient); the units' JVP coefficients are applied to
+                // it as it is formed, so the `n_in x pre` tangent block is never stored
+                // (it is 7 MB at SmolLM2's sizes and made two passes through memory).
+                for (p, (w, sigma, rank1, coef)) in per_point.iter().enumerate() {
                     let (s, g) = (T::of(sigma[row]), T::of(rank1[row]));
-                    let ar = a_rows.row(row);
-                    for k in 0..pre {
-                        let gb = g * b_rows[(row, k)];
-                        let out = tangent.col_mut(k);
-                        let (c0, c1) = (g0_t.col(k), g1_t.col(k));
-                        for (((o, &x0v), &x1v), &av) in
-                            out.iter_mut().zip(c0.iter()).zip(c1.iter()).zip(ar.iter())
-                        {
-                            *o = x0v + s * x1v + gb * av;
-                        }
-                    }
-                    let cr = coef.col_as_slice(row);
-                    let wt = T::of(*w);
+                    let (cr, wt) = (coef.col_as_slice(row), T::of(*w));
                     for k in 0..units {
-                        let out = a_bar.col_mut(k);
+                        let out = a_bar.col_as_slice_mut(k);
+                        let (g0, g1) = (g0_t.col_as_slice(k), g1_t.col_as_slice(k));
+                        let al = wt * T::of(cr[k]);
+                        let ka = al * g * b_rows[(row, k)];
                         if gated {
-                            let (al, be) = (wt * T::of(cr[k]), wt * T::of(cr[units + k]));
-                            let (tg, tu) = (tangent.col(k), tangent.col(units + k));
-                            for ((o, &g), &u) in out.iter_mut().zip(tg.iter()).zip(tu.iter()) {
-                                *o += al * g + be * u;
+                            let be = wt * T::of(cr[units + k]);
+                            let (u0, u1) =
+                                (g0_t.col_as_slice(units + k), g1_t.col_as_slice(units + k));
+                            let ka = ka + be * g * b_rows[(row, units + k)];
+                            let (als, bes) = (al * s, be * s);
+                            let terms = g0.iter().zip(g1).zip(u0.iter().zip(u1)).zip(ar);
+                            for (o, (((&x0, &x1), (&y0, &y1)), &av)) in out.iter_mut().zip(terms) {
+                                let v = al * x0 + be * y0 + als * x1 + bes * y1 + ka * av;
+                                *o = if p == 0 { v } else { *o + v };
                             }
                         } else {
-                            let dv = wt * T::of(cr[k]);
-                            for (o, &v) in out.iter_mut().zip(tangent.col(k).iter()) {
-                                *o += dv * v;
+                            let als = al * s;
+                            let terms = g0.iter().zip(g1).zip(ar);
+                            for (o, ((&x0, &x1), &av)) in out.iter_mut().zip(terms) {
+                                let v = al * x0 + als * x1 + ka * av;
+                                *o = if p == 0 { v } else { *o + v };
                             }
                         }
                     }
@@ -1117,47 +1121,38 @@ fn norm_attention_edges(ctx: &EdgeSection, na: &NormAttention) -> Mat<f64> {
                     (w, cache, sigma, rank1)
                 })
                 .collect();
-            // One tangent buffer for every block but a shorter last one: it is overwritten
-            // whole, so zeroing a fresh 33 MB matrix per block and point was wasted (memset
-            // was ~4% of the stage, with the bracket's and the output's zeroing).
-            let mut tangent = Mat::<f64>::zeros(n * block.min(n_in) * pos, f);
+            // Rows of G0, G1 and b contiguous for the tangent rows below.
+            let (g0_t, g1_t) = (
+                nt.g0.subcols(0, f).transpose().to_owned(),
+                nt.g1.subcols(0, f).transpose().to_owned(),
+            );
+            let b_t = b.transpose().to_owned();
             for j0 in (0..n_in).step_by(block) {
                 let nb = block.min(n_in - j0);
-                if tangent.nrows() != n * nb * pos {
-                    tangent = Mat::<f64>::zeros(n * nb * pos, f);
-                }
                 let mut bracket: Option<Mat<f64>> = None;
                 for (w, cache, sigma, rank1) in &per_point {
-                    // Row (x, j, s) of the tangent on (q, k, v): `fhat_sj (g0_j + sigma_s g1_j
-                    // + gamma_s a_sj b_s)` over contiguous runs of positions (slices, so the
-                    // loop vectorises: indexed, it was ~17% of the stage).
-                    for col in 0..f {
-                        let dst = tangent.col_as_slice_mut(col);
-                        let bc = b.col_as_slice(col);
-                        for j in 0..nb {
-                            let jj = j0 + j;
-                            let (c0, c1) = (nt.g0[(jj, col)], nt.g1[(jj, col)]);
-                            let (ac, fc) = (a.col_as_slice(jj), fhat.col_as_slice(jj));
-                            for x in 0..n {
-                                let rows = x * pos..(x + 1) * pos;
-                                let d = &mut dst[(x * nb + j) * pos..][..pos];
-                                let it = d
-                                    .iter_mut()
-                                    .zip(&sigma[rows.clone()])
-                                    .zip(&rank1[rows.clone()])
-                                    .zip(&ac[rows.clone()])
-                                    .zip(&bc[rows.clone()])
-                                    .zip(&fc[rows]);
-                                for (((((o, &sg), &r1), &av), &bv), &fv) in it {
-                                    *o = fv * (c0 + sg * c1 + r1 * av * bv);
-                                }
-                            }
+                    // Tangent j at position s of sample x, on (q, k, v): `fhat_sj (G0_j +
+                    // sigma_s G1_j + gamma_s a_sj b_s)`, written straight into the attention's
+                    // scratch (a 33 MB f64 batch and its gather to the scratch layout were
+                    // ~17% of the stage).
+                    let row = |x: usize, v: usize, s: usize, out: &mut [f64]| {
+                        let (i, j) = (x * pos + s, j0 + v);
+                        let fv = fhat[(i, j)];
+                        let (k1, k2) = (fv * sigma[i], fv * rank1[i] * a[(i, j)]);
+                        let (c0, c1) = (g0_t.col_as_slice(j), g1_t.col_as_slice(j));
+                        let terms = c0.iter().zip(c1).zip(b_t.col_as_slice(i));
+                        for (o, ((&x0, &x1), &bv)) in out.iter_mut().zip(terms) {
+                            *o = fv * x0 + k1 * x1 + k2 * bv;
                         }
-                    }
-                    let tb = Batch::new(n, nb, pos, tangent);
+                    };
+                    let tangents = Tangents::Rows {
+                        n,
+                        r: nb,
+                        pos,
+                        row: &row,
+                    };
                     let w32 = m_z32.as_ref().map(|m| m.as_ref());
-                    let mut out = attn.jvp_projected(cache, &tb, m_z.as_ref(), w32);
-                    tangent = tb.data;
+                    let mut out = attn.jvp_projected(cache, &tangents, m_z.as_ref(), w32);
                     match bracket.as_mut() {
                         None => {
                             if *w != 1.0 {

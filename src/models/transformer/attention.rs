@@ -204,6 +204,35 @@ struct OutProjection<'a> {
     resid: bool,
 }
 
+/// `row(x, v, s, out)` of [`Tangents::Rows`].
+pub type TangentRow<'a> = dyn Fn(usize, usize, usize, &mut [f64]) + Sync + 'a;
+
+/// The tangents on `(q, k, v)` a JVP reads: a batch, gathered into the scratch layout block
+/// by block, or rows written straight into it by a callback (an edge computation that builds
+/// its tangents elementwise saves the batch's write and the gather's strided read).
+pub enum Tangents<'a> {
+    Batch(&'a Batch),
+    /// `n` samples of `r` tangents at `pos` positions: `row(x, v, s, out)` writes tangent `v`
+    /// of sample `x` at position `s` (`fqkv` numbers, in f64; rounded to the JVP's precision
+    /// as they are copied in).
+    Rows {
+        n: usize,
+        r: usize,
+        pos: usize,
+        row: &'a TangentRow<'a>,
+    },
+}
+
+impl Tangents<'_> {
+    /// `(n, r, pos)`.
+    fn shape(&self) -> (usize, usize, usize) {
+        match self {
+            Tangents::Batch(b) => (b.n, b.r, b.pos),
+            Tangents::Rows { n, r, pos, .. } => (*n, *r, *pos),
+        }
+    }
+}
+
 /// Scratch budget of the VJP / JVP (doubles, 8 MB): vectors per block [`AttnOut::block`].
 const SCRATCH: usize = 1 << 20;
 
@@ -512,7 +541,7 @@ impl AttnOut {
     pub fn jvp_projected(
         &self,
         c: &Cache,
-        dx: &Batch,
+        dx: &Tangents,
         w: MatRef<'_, f64>,
         w32: Option<MatRef<'_, f32>>,
     ) -> Mat<f64> {
@@ -523,7 +552,8 @@ impl AttnOut {
             w32,
             resid: false,
         };
-        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, &out)
+        let (_, r, pos) = dx.shape();
+        self.jvp_blocked(c, dx, self.block(r, pos), CHUNK, &out)
             .data
     }
 
@@ -536,7 +566,7 @@ impl AttnOut {
     fn jvp_blocked(
         &self,
         c: &AttnCache,
-        dx: &Batch,
+        dx: &Tangents,
         rb: usize,
         cq: usize,
         out_proj: &OutProjection,
@@ -550,12 +580,15 @@ impl AttnOut {
             None => self.jvp_core(c, dx, rb, cq, out_proj.w, width),
             Some(w32) => self.jvp_core(c, dx, 2 * rb, cq, w32, width),
         };
-        let (f, pos) = (self.fqkv(), dx.pos);
+        let (f, (n, r, pos)) = (self.fqkv(), dx.shape());
         if out_proj.resid {
+            let Tangents::Batch(dx) = dx else {
+                panic!("{}: the residual's tangent needs a batch", self.id)
+            };
             let t0 = self.t0(pos);
             copy_cols_from_pos(&mut out, self.resid, &dx.data, f, self.resid, pos, t0);
         }
-        Batch::new(dx.n, dx.r, self.out_pos(pos), out)
+        Batch::new(n, r, self.out_pos(pos), out)
     }
 
     /// [`Self::jvp_blocked`] in precision `T`: `dz w_out` in the first `w_out.ncols()` of
@@ -563,21 +596,14 @@ impl AttnOut {
     fn jvp_core<T: Real>(
         &self,
         c: &AttnCache,
-        dx: &Batch,
+        dx: &Tangents,
         rb: usize,
         cq: usize,
         w_out: MatRef<'_, T>,
         width: usize,
     ) -> Mat<f64> {
-        let (n, r, pos, heads, dh, dv, f) = (
-            dx.n,
-            dx.r,
-            dx.pos,
-            self.heads,
-            self.d_head,
-            self.dv(),
-            self.fqkv(),
-        );
+        let ((n, r, pos), heads, dh, dv, f) =
+            (dx.shape(), self.heads, self.d_head, self.dv(), self.fqkv());
         assert_eq!(pos, c.pos, "{}: tangent positions", self.id);
         let (t0, pout, hz, wqk) = (
             self.t0(pos),
@@ -589,6 +615,7 @@ impl AttnOut {
         let (rb, cq) = (rb.clamp(1, r.max(1)), cq.max(1));
         let mut sb = self.scratch::<T>(rb, pos, cq);
         let mut proj = Mat::<T>::zeros(rb * pout, w_out.ncols());
+        let mut row_buf = vec![0.0; f];
         for xs in 0..n {
             // This sample's forward point in `T` (no copy in f64).
             let qkv = T::slice_of(&c.qkv[xs * pos * f..][..pos * f]);
@@ -610,11 +637,33 @@ impl AttnOut {
                 );
                 let (zh, dz) = (&mut zh[..nb * pout * dv], &mut dz[..nb * pout * hz]);
                 // The block's tangents, rows (s, v); q, k rotated.
-                let row0 = (xs * r + v0) * pos;
-                gather(&dx.data, row0, nb, pos, 0, wqk, tqk, wqk);
-                for g in 0..self.kv_heads {
-                    let dst = &mut tv[g * pos * nb * dv..];
-                    gather(&dx.data, row0, nb, pos, wqk + g * dv, dv, dst, dv);
+                match dx {
+                    Tangents::Batch(dx) => {
+                        let row0 = (xs * r + v0) * pos;
+                        gather(&dx.data, row0, nb, pos, 0, wqk, tqk, wqk);
+                        for g in 0..self.kv_heads {
+                            let dst = &mut tv[g * pos * nb * dv..];
+                            gather(&dx.data, row0, nb, pos, wqk + g * dv, dv, dst, dv);
+                        }
+                    }
+                    Tangents::Rows { row, .. } => {
+                        for s in 0..pos {
+                            for v in 0..nb {
+                                row(xs, v0 + v, s, &mut row_buf);
+                                let i = s * nb + v;
+                                let dst = &mut tqk[i * wqk..][..wqk];
+                                for (d, &x) in dst.iter_mut().zip(&row_buf[..wqk]) {
+                                    *d = T::of(x);
+                                }
+                                for g in 0..self.kv_heads {
+                                    let dst = &mut tv[(g * pos * nb + i) * dv..][..dv];
+                                    for (d, &x) in dst.iter_mut().zip(&row_buf[wqk + g * dv..]) {
+                                        *d = T::of(x);
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
                 if self.rotary.is_some() {
                     for (i, row) in tqk.chunks_exact_mut(wqk).enumerate() {
@@ -810,7 +859,8 @@ impl Module for AttnOut {
             w32: None,
             resid: true,
         };
-        self.jvp_blocked(c, dx, self.block(dx.r, dx.pos), CHUNK, &out)
+        let block = self.block(dx.r, dx.pos);
+        self.jvp_blocked(c, &Tangents::Batch(dx), block, CHUNK, &out)
     }
 }
 

@@ -233,7 +233,7 @@ fn gemm_attention_matches_the_per_vector_loops() {
                             w32: None,
                             resid: true,
                         };
-                        let j = m.jvp_blocked(c, &dx, rb, cq, &own);
+                        let j = m.jvp_blocked(c, &Tangents::Batch(&dx), rb, cq, &own);
                         let e = rel(j.data.as_ref(), jr.data.as_ref());
                         assert!(e < 1e-12, "{what}: jvp (block {rb}, chunk {cq}) {e:e}");
                         assert_eq!((j.n, j.r, j.pos), (jr.n, jr.r, jr.pos));
@@ -253,13 +253,19 @@ fn gemm_attention_matches_the_per_vector_loops() {
                         dx.pos,
                         dx.data.subcols(0, f).to_owned(),
                     );
-                    let projected = m.jvp_projected(&cache, &qkv_only, w.as_ref(), None);
+                    let projected =
+                        m.jvp_projected(&cache, &Tangents::Batch(&qkv_only), w.as_ref(), None);
                     let expect = jr.data.subcols(0, m.resid) * &mix;
                     let e = rel(projected.as_ref(), expect.as_ref());
                     assert!(e < 1e-12, "{what}: projected jvp {e:e}");
                     // In f32: within f32 rounding of the products (1e-7 relative per entry).
                     let w32 = crate::tensor::linalg::cast::<f32>(w.as_ref());
-                    let low = m.jvp_projected(&cache, &qkv_only, w.as_ref(), Some(w32.as_ref()));
+                    let low = m.jvp_projected(
+                        &cache,
+                        &Tangents::Batch(&qkv_only),
+                        w.as_ref(),
+                        Some(w32.as_ref()),
+                    );
                     let e = rel(low.as_ref(), expect.as_ref());
                     assert!(e < 1e-5 && e > 0.0, "{what}: f32 projected jvp {e:e}");
                     let (j, v) = (m.jvp(&cache, &dx), m.vjp(&cache, &dy));
@@ -342,7 +348,7 @@ fn timing_smollm2_attention() {
         let w32 = crate::tensor::linalg::cast::<f32>(w.as_ref());
         let proj = |w32: Option<MatRef<'_, f32>>| {
             let start = thread_cpu();
-            let out = m.jvp_projected(&cache, &qkv_only, w.as_ref(), w32);
+            let out = m.jvp_projected(&cache, &Tangents::Batch(&qkv_only), w.as_ref(), w32);
             (thread_cpu() - start, out)
         };
         let ((t64, p64), (t32, p32)) = (proj(None), proj(Some(w32.as_ref())));
