@@ -384,7 +384,9 @@ pub fn build_staged(
     let Some(stats) = stats else {
         return Ok((Outcome::Pending(vec![STATS.to_string()]), log(runner)));
     };
-    let moments = moments_from(&layers, &stats)?;
+    let mut moments = moments_from(&layers, &stats)?;
+    // The sums are copied into `moments`: 162 MB at SmolLM2's 61 node layers.
+    drop(stats);
     timings.push(("statistics".to_string(), t.elapsed().as_secs_f64()));
 
     // Bases (section 4), from the last node layer backwards: M' of layer l needs C of l + 1.
@@ -419,6 +421,8 @@ pub fn build_staged(
         let Some(mut basis) = basis else {
             return Ok((Outcome::Pending(vec![stage]), log(runner)));
         };
+        // Layer l's sums are done with (the basis keeps its Gram): 2.7 MB a layer.
+        moments[l] = stats::Moments::mean_only(Vec::new());
         if let Distribution::Ranks(comm) = opts.distribution {
             share_basis(comm, &mut basis);
         }

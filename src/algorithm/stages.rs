@@ -262,24 +262,26 @@ impl StageStore {
     }
 
     /// The pieces of `stage` on disk that lie within `within`, in sample order, without
-    /// overlaps (a piece overlapping an earlier one is ignored).
+    /// overlaps (a piece overlapping an earlier one is ignored): their paths, each read once
+    /// here to check that it belongs to this build and read again when its turn to be summed
+    /// comes (holding them all would cost a stage's size per piece).
     pub fn pieces(
         &self,
         stage: &str,
         within: &Range<usize>,
-    ) -> anyhow::Result<Vec<(Range<usize>, Partial)>> {
+    ) -> anyhow::Result<Vec<(Range<usize>, PathBuf)>> {
         let mut found: Vec<(Range<usize>, PathBuf)> = piece_files(&self.dir, stage)?
             .into_iter()
             .filter(|(r, _)| r.start >= within.start && r.end <= within.end)
             .collect();
         found.sort_by_key(|(r, _)| (r.start, r.end));
-        let mut out: Vec<(Range<usize>, Partial)> = Vec::new();
+        let mut out: Vec<(Range<usize>, PathBuf)> = Vec::new();
         for (r, path) in found {
             if out.last().is_some_and(|(prev, _)| prev.end > r.start) {
                 continue;
             }
-            if let Some(p) = self.read(&path, stage)? {
-                out.push((r, p));
+            if self.read(&path, stage)?.is_some() {
+                out.push((r, path));
             }
         }
         Ok(out)
@@ -502,41 +504,60 @@ impl StageRunner<'_> {
             return Ok(None);
         }
         let block = self.distribution.block(self.n_samples);
-        let mut done: Vec<(Range<usize>, Partial)> = match self.store {
+        let reused: Vec<(Range<usize>, PathBuf)> = match self.store {
             Some(store) => store.pieces(stage, &block)?,
             None => Vec::new(),
         };
-        let pieces_reused = done.len();
+        let pieces_reused = reused.len();
         let started = std::time::Instant::now();
         let k = piece_samples(self.n_samples, self.batch);
-        let mut todo = missing(&block, &done, k);
-        let mut first = true;
-        while !todo.is_empty() {
-            let r = todo.remove(0);
-            let local = r.start - block.start..r.end - block.start;
-            let d = data()?;
-            let piece = Samples::new(d, local);
-            let t = std::time::Instant::now();
-            let p = compute(&piece).with_context(|| format!("samples {}..{}", r.start, r.end))?;
-            // A stage whose remaining pieces take less than QUICK_STAGE_S is not worth more
-            // checkpoints: sum the rest in one call (each call has fixed costs, e.g. the
-            // closed forms' per-section products; 8 pieces made the modular-addition bases
-            // 2x slower). Pieces cut elsewhere only change the order of the sums.
-            if first && t.elapsed().as_secs_f64() * todo.len() as f64 <= QUICK_STAGE_S {
-                todo = coalesce(todo);
-            }
-            first = false;
-            if let Some(store) = self.store {
-                store.write_piece(stage, &r, &p)?;
-            }
-            done.push((r, p));
-        }
-        done.sort_by_key(|(r, _)| r.start);
+        let covered: Vec<Range<usize>> = reused.iter().map(|(r, _)| r.clone()).collect();
+        // Every piece of the block in sample order, a path where it is reused: summed as it
+        // comes, so that one piece is held besides the running sum (the statistics of
+        // SmolLM2's 61 node layers are 162 MB a piece; holding all eight was 1.3 GB of the
+        // 30-block build's peak), in the same order whether the build resumed or not.
+        let mut agenda: Vec<(Range<usize>, Option<PathBuf>)> = reused
+            .into_iter()
+            .map(|(r, path)| (r, Some(path)))
+            .chain(missing(&block, &covered, k).into_iter().map(|r| (r, None)))
+            .collect();
+        agenda.sort_by_key(|(r, _)| r.start);
         let mut mine: Option<Partial> = None;
-        for (_, p) in &done {
+        let mut first = true;
+        let mut at = 0;
+        while at < agenda.len() {
+            let (r, path) = agenda[at].clone();
+            at += 1;
+            let p = match (path, self.store) {
+                (Some(path), Some(store)) => store.read(&path, stage)?.with_context(|| {
+                    format!("stage file {} changed during the build", path.display())
+                })?,
+                _ => {
+                    let local = r.start - block.start..r.end - block.start;
+                    let d = data()?;
+                    let piece = Samples::new(d, local);
+                    let t = std::time::Instant::now();
+                    let p = compute(&piece)
+                        .with_context(|| format!("samples {}..{}", r.start, r.end))?;
+                    // A stage whose remaining pieces take less than QUICK_STAGE_S is not worth
+                    // more checkpoints: sum the rest in one call (each call has fixed costs,
+                    // e.g. the closed forms' per-section products; 8 pieces made the
+                    // modular-addition bases 2x slower). Pieces cut elsewhere only change the
+                    // order of the sums.
+                    let left = agenda[at..].iter().filter(|(_, p)| p.is_none()).count();
+                    if first && t.elapsed().as_secs_f64() * left as f64 <= QUICK_STAGE_S {
+                        agenda = coalesce_computed(agenda, at);
+                    }
+                    first = false;
+                    if let Some(store) = self.store {
+                        store.write_piece(stage, &r, &p)?;
+                    }
+                    p
+                }
+            };
             mine = Some(match mine {
-                None => p.clone(),
-                Some(m) => m.add(p, stage)?,
+                None => p,
+                Some(m) => m.add(&p, stage)?,
             });
         }
         let Some(mine) = mine else {
@@ -574,21 +595,27 @@ impl StageRunner<'_> {
 /// Seconds below which the rest of a stage is summed without further checkpoints.
 const QUICK_STAGE_S: f64 = 5.0;
 
-/// Adjacent ranges joined.
-fn coalesce(ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for r in ranges {
+/// `agenda` with its entries from `from` on that are to be computed (no path) joined where
+/// adjacent; reused entries stay apart.
+fn coalesce_computed(
+    agenda: Vec<(Range<usize>, Option<PathBuf>)>,
+    from: usize,
+) -> Vec<(Range<usize>, Option<PathBuf>)> {
+    let mut out: Vec<(Range<usize>, Option<PathBuf>)> = Vec::new();
+    for (i, (r, path)) in agenda.into_iter().enumerate() {
         match out.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ => out.push(r),
+            Some((last, None)) if i > from && path.is_none() && last.end == r.start => {
+                last.end = r.end
+            }
+            _ => out.push((r, path)),
         }
     }
     out
 }
 
 /// The grid pieces (multiples of `k`, cut to `block`) not covered by `done`.
-fn missing(block: &Range<usize>, done: &[(Range<usize>, Partial)], k: usize) -> Vec<Range<usize>> {
-    let mut covered: Vec<Range<usize>> = done.iter().map(|(r, _)| r.clone()).collect();
+fn missing(block: &Range<usize>, done: &[Range<usize>], k: usize) -> Vec<Range<usize>> {
+    let mut covered: Vec<Range<usize>> = done.to_vec();
     covered.sort_by_key(|r| r.start);
     let mut gaps: Vec<Range<usize>> = Vec::new();
     let mut at = block.start;
@@ -711,10 +738,18 @@ mod tests {
 
     #[test]
     fn grid_pieces_fill_the_gaps_between_reused_pieces() {
-        let done = vec![(10..20, partial(10, 1.0)), (35..40, partial(5, 1.0))];
-        let m = missing(&(5..50), &done, 10);
+        let m = missing(&(5..50), &[10..20, 35..40], 10);
         assert_eq!(m, vec![5..10, 20..30, 30..35, 40..50]);
-        assert_eq!(coalesce(m), vec![5..10, 20..35, 40..50]);
+        let agenda = |m: &[Range<usize>]| m.iter().map(|r| (r.clone(), None)).collect::<Vec<_>>();
+        let joined = coalesce_computed(agenda(&m), 0);
+        assert_eq!(joined, agenda(&[5..10, 20..35, 40..50]));
+        // Entries before `from` (summed already) and reused ones are never joined.
+        let mut mixed = agenda(&[0..5, 5..10, 10..15, 15..20, 20..25]);
+        mixed[3].1 = Some(PathBuf::from("reused"));
+        let joined = coalesce_computed(mixed, 1);
+        let mut expect = agenda(&[0..5, 5..15, 15..20, 20..25]);
+        expect[2].1 = Some(PathBuf::from("reused"));
+        assert_eq!(joined, expect);
         assert_eq!(missing(&(0..25), &[], 10), vec![0..10, 10..20, 20..25]);
         assert_eq!(piece_samples(100, 8), 16);
         assert_eq!(piece_samples(3, 512), 512);
