@@ -405,8 +405,15 @@ pub fn moments(
     moments_about(model, data, layers, grams, &shifts, batch)
 }
 
-/// The reference point of each node layer's sums ([`Moments::shift_for`]): from the first batch
-/// of `data`, so every shard of a build, given the whole dataset here, shares it.
+/// Samples whose mean is the reference point of the sums: any point near the mean keeps the
+/// centred Gram free of cancellation (its error grows with `|mean - shift|^2` against the
+/// variance), and a few samples are near enough. The whole first batch made the 30-block
+/// SmolLM2 build run every block over all 64 samples twice (~50 s of its statistics).
+const SHIFT_SAMPLES: usize = 8;
+
+/// The reference point of each node layer's sums ([`Moments::shift_for`]): from the first
+/// [`SHIFT_SAMPLES`] samples of `data` (at most a batch), so every shard of a build, given the
+/// whole dataset here, shares it.
 pub fn moment_shifts(
     model: &Model,
     data: &dyn Dataset,
@@ -416,7 +423,7 @@ pub fn moment_shifts(
     let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
     let mut shifts = Vec::with_capacity(layers.len());
     let mut bad: Option<anyhow::Error> = None;
-    let first = 0..batch.min(data.len());
+    let first = 0..batch.min(SHIFT_SAMPLES).min(data.len());
     each_activation(model, data, &indices, first, &mut |k, b| {
         if bad.is_none() {
             match check_finite(b, &layers[k].name) {
