@@ -787,6 +787,19 @@ pub fn draw_ablation_curves(
             (a.min(x), b.max(x))
         });
     ensure!(x0.is_finite(), "the ablation curves have no points");
+    // The legend goes in the corner the curves leave empty: a loss falls as features are
+    // kept (upper right free), an accuracy rises (lower right free).
+    let falling = series
+        .first()
+        .is_some_and(|c| match (c.points.first(), c.points.last()) {
+            (Some(a), Some(b)) => b.1 < a.1,
+            _ => false,
+        });
+    let legend_pos = if falling {
+        SeriesLabelPosition::UpperRight
+    } else {
+        SeriesLabelPosition::LowerRight
+    };
     series.push(Series {
         label: format!("unablated ({})", tick(baseline)),
         points: vec![(x0, baseline), (x1, baseline)],
@@ -801,7 +814,7 @@ pub fn draw_ablation_curves(
         x_log,
         y_log: false,
         series,
-        legend_pos: SeriesLabelPosition::LowerRight,
+        legend_pos,
     };
     save(stem, &fig).with_context(|| format!("drawing ablation curves {}", stem.display()))
 }
