@@ -8,7 +8,9 @@
 //! at most `min(d, N P)` directions). Every pass streams over samples in batches whose size
 //! does not depend on the dataset size, so time and FLOPs scale linearly with the number of
 //! samples; the fixed costs (eigendecompositions) are timed on matrices of the full size. Peak
-//! memory is the pilot's, a lower bound (measured on SmolLM2: 2.2 GB planned, 4.4 GB built).
+//! memory is the pilot's: the build's does not grow with the samples beyond its batches (up to
+//! `batch_size` samples, the pilot's fewer). Measured: 30-block SmolLM2 3.34 GB planned, 3.12 GB
+//! built; MNIST 0.30 GB planned, 0.40 GB built.
 
 use super::config::{check_compatible, load_data, load_model, RunConfig};
 use crate::algorithm::basis::{jacobian_metric, metric_path, node_basis};
@@ -358,7 +360,7 @@ pub fn describe(p: &Plan, title: &str) -> String {
     if let Some(b) = p.peak_bytes {
         let _ = writeln!(
             s,
-            "  peak memory of the pilot ~{:.2} GB (a lower bound: the full run's batches hold up to batch_size samples)",
+            "  peak memory of the pilot ~{:.2} GB (the full run's batches hold up to batch_size samples, the pilot's fewer)",
             b as f64 / 1e9
         );
     }
