@@ -51,7 +51,7 @@ pub struct Plan {
     pub n_pilot: usize,
     pub positions: usize,
     pub steps: Vec<Step>,
-    /// Peak resident memory of the pilot, bytes: a lower bound of the full run's, whose batches
+    /// Peak resident memory of the pilot, bytes: near the full run's, whose batches
     /// hold up to `batch_size` samples where the pilot's hold at most its own size.
     pub peak_bytes: Option<u64>,
 }
