@@ -118,21 +118,24 @@ fn activations_at_all(
     range: Range<usize>,
 ) -> Vec<Batch> {
     let mut out: Vec<Batch> = Vec::with_capacity(indices.len());
-    each_activation(model, data, indices, range, &mut |_, b| out.push(b.clone()));
+    let _ = each_activation(model, data, indices, range, &mut |_, b| {
+        out.push(b.clone());
+        Ok(())
+    });
     out
 }
 
 /// Calls `visit(k, activations)` at the input of each module `indices[k]` (ascending) for
-/// samples `range`, in order, holding one node layer at a time: all of SmolLM2's 61 at once
-/// are 36 MB per 128-token sample (2.3 GB for the 64 samples of the statistics' first batch,
-/// which was the 30-block build's peak).
+/// samples `range`, in order, holding one node layer at a time (all of SmolLM2's 61 at once
+/// are 36 MB per 128-token sample: 2.3 GB for the 64 samples of the statistics' first batch,
+/// which was the 30-block build's peak); stops at the first error `visit` returns.
 fn each_activation(
     model: &Model,
     data: &dyn Dataset,
     indices: &[usize],
     range: Range<usize>,
-    visit: &mut dyn FnMut(usize, &Batch),
-) {
+    visit: &mut dyn FnMut(usize, &Batch) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut last: Option<(usize, Batch)> = None;
     for (k, &index) in indices.iter().enumerate() {
         let b = match data.cached(index, range.clone()) {
@@ -142,9 +145,10 @@ fn each_activation(
                 None => activations_at(model, data, index, range.clone()),
             },
         };
-        visit(k, &b);
+        visit(k, &b)?;
         last = Some((index, b));
     }
+    Ok(())
 }
 
 /// Activations at one node layer for samples `range`.
@@ -264,10 +268,10 @@ impl<'a> Prefix<'a> {
             .into_par_iter()
             .map(|r| {
                 let mut kept_here: Vec<Option<Batch>> = Vec::with_capacity(kept.len());
-                each_activation(model, data, &kept, r.clone(), &mut |k, b| {
+                let _ = each_activation(model, data, &kept, r.clone(), &mut |k, b| {
                     if !spilled(k) {
                         kept_here.push(Some(b.clone()));
-                        return;
+                        return Ok(());
                     }
                     let row_bytes = (b.features() * 8) as u64;
                     let at = offsets[k] + (r.start * b.pos) as u64 * row_bytes;
@@ -284,6 +288,7 @@ impl<'a> Prefix<'a> {
                         }
                     }
                     kept_here.push(None);
+                    Ok(())
                 });
                 kept_here
             })
@@ -422,20 +427,13 @@ pub fn moment_shifts(
 ) -> anyhow::Result<Vec<Vec<f64>>> {
     let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
     let mut shifts = Vec::with_capacity(layers.len());
-    let mut bad: Option<anyhow::Error> = None;
     let first = 0..batch.min(SHIFT_SAMPLES).min(data.len());
     each_activation(model, data, &indices, first, &mut |k, b| {
-        if bad.is_none() {
-            match check_finite(b, &layers[k].name) {
-                Ok(()) => shifts.push(Moments::shift_for(b.data.as_ref())),
-                Err(e) => bad = Some(e),
-            }
-        }
-    });
-    match bad {
-        Some(e) => Err(e),
-        None => Ok(shifts),
-    }
+        check_finite(b, &layers[k].name)?;
+        shifts.push(Moments::shift_for(b.data.as_ref()));
+        Ok(())
+    })?;
+    Ok(shifts)
 }
 
 /// [`moments`] about given reference points `shifts`.
@@ -447,6 +445,7 @@ pub fn moments_about(
     shifts: &[Vec<f64>],
     batch: usize,
 ) -> anyhow::Result<Vec<Moments>> {
+    let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
     let result = fold(
         data,
         batch,
@@ -462,9 +461,9 @@ pub fn moments_about(
                 .collect::<Vec<_>>()
         },
         |acc, _, range| {
-            let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
-            each_activation(model, data, &indices, range, &mut |k, b| {
-                acc[k].add(b.data.as_ref())
+            let _ = each_activation(model, data, &indices, range, &mut |k, b| {
+                acc[k].add(b.data.as_ref());
+                Ok(())
             });
         },
         |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
